@@ -1,0 +1,75 @@
+"""LightningModule: cross-entropy training of any image classifier network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class CellClassifier(L.LightningModule):
+    """Trains `net` (images -> logits) with cross-entropy; logs `{train,val,test}/{loss,acc}`.
+
+    Cross-entropy on logits is the tutorial's softmax + sparse categorical cross-entropy.
+    `optimizer` is a partial (Hydra `_partial_: true`) that only lacks the parameters.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        classes: Sequence[str],
+    ) -> None:
+        super().__init__()
+        # The network and optimizer are rebuilt from the Hydra config; keep only plain values.
+        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
+        self.net = net
+        self.optimizer = optimizer
+        self.classes = list(classes)
+        n = len(self.classes)
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(n, average="micro") for _ in range(3)
+        )
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric() for _ in range(3))
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        loss_metric, acc_metric = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        loss_metric(loss, weight=len(y))
+        acc_metric(logits, y)
+        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_start(self) -> None:
+        # The sanity check's batches must not count towards the best validation accuracy.
+        self.val_acc_best.reset()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer(params=self.parameters())

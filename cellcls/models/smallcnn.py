@@ -1,0 +1,53 @@
+"""The tutorial's two-block CNN, with Keras' initialisation."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class SmallCNN(nn.Module):
+    """Conv-ReLU-MaxPool twice, Flatten, Dense-ReLU, Dense; returns logits.
+
+    With the defaults (200x200x3 -> 4 classes) it has 10,250,788 parameters, as the Keras
+    model of the tutorial. Inputs are images in [0, 1].
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 4,
+        image_size: int = 200,
+        in_channels: int = 3,
+        channels: int = 32,
+        hidden: int = 128,
+        init: str = "keras",
+    ) -> None:
+        super().__init__()
+        if init not in ("keras", "torch"):
+            raise ValueError(f"init must be 'keras' or 'torch', got {init!r}")
+        feat = image_size // 4  # two 2x2 max-pools, floor as Keras' 'valid' pooling
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * feat * feat, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+        if init == "keras":
+            self.apply(_keras_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+def _keras_init(module: nn.Module) -> None:
+    """Glorot-uniform weights and zero biases, as Keras' Conv2D and Dense layers start."""
+    if isinstance(module, nn.Conv2d | nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from cellcls.models import SmallCNN
+
+
+def test_tutorial_parameter_count() -> None:
+    net = SmallCNN(num_classes=4, image_size=200)
+    assert sum(p.numel() for p in net.parameters()) == 10_250_788
+
+
+@pytest.mark.parametrize(("size", "classes"), [(200, 4), (48, 4), (64, 7)])
+def test_logits_shape(size: int, classes: int) -> None:
+    net = SmallCNN(num_classes=classes, image_size=size)
+    assert net(torch.rand(2, 3, size, size)).shape == (2, classes)
+
+
+def test_keras_init_zero_bias_glorot_range() -> None:
+    net = SmallCNN(image_size=48, init="keras")
+    dense = net.classifier[1]
+    fan_in, fan_out = dense.in_features, dense.out_features
+    bound = (6 / (fan_in + fan_out)) ** 0.5
+    assert torch.count_nonzero(dense.bias) == 0
+    assert dense.weight.abs().max() <= bound
+    assert dense.weight.abs().max() > 0.9 * bound  # glorot, not torch's smaller default
+
+
+def test_unknown_init_rejected() -> None:
+    with pytest.raises(ValueError, match="init must be"):
+        SmallCNN(init="xavier")
