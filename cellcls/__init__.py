@@ -2,7 +2,7 @@
 
 from omegaconf import OmegaConf
 
-# Configs derive numbers from lists (`num_classes: ${len:${data.classes}}`) instead of repeating them.
+# Configs derive numbers from lists (`${len:${data.classes}}`) instead of repeating them.
 OmegaConf.register_new_resolver("len", len, replace=True)
 
 __version__ = "0.1.0"

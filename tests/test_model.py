@@ -28,3 +28,25 @@ def test_keras_init_zero_bias_glorot_range() -> None:
 def test_unknown_init_rejected() -> None:
     with pytest.raises(ValueError, match="init must be"):
         SmallCNN(init="xavier")
+
+
+def test_classifier_normalises_inputs_and_keeps_stats_in_checkpoint() -> None:
+    from functools import partial
+
+    from cellcls.models import CellClassifier
+
+    net = SmallCNN(image_size=32)
+    model = CellClassifier(
+        net,
+        partial(torch.optim.Adam, lr=1e-3),
+        classes=list("ABCD"),
+        mean=[0.1, 0.2, 0.3],
+        std=[0.5, 0.5, 0.25],
+    )
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
+    std = torch.tensor([0.5, 0.5, 0.25]).view(1, 3, 1, 1)
+    torch.testing.assert_close(model(x), net((x - mean) / std))
+    state = model.state_dict()
+    torch.testing.assert_close(state["std"], std)
+    assert model.hparams.classes == list("ABCD")

@@ -19,6 +19,8 @@ class CellClassifier(L.LightningModule):
 
     Cross-entropy on logits is the tutorial's softmax + sparse categorical cross-entropy.
     `optimizer` is a partial (Hydra `_partial_: true`) that only lacks the parameters.
+    Inputs are images in [0, 1]; they are normalised here with the training set's per-channel
+    `mean` and `std`, on the training device, and those statistics travel in the checkpoint.
     """
 
     def __init__(
@@ -26,6 +28,8 @@ class CellClassifier(L.LightningModule):
         net: nn.Module,
         optimizer: OptimizerFactory,
         classes: Sequence[str],
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.25, 0.25, 0.25),
     ) -> None:
         super().__init__()
         # The network and optimizer are rebuilt from the Hydra config; keep only plain values.
@@ -33,6 +37,8 @@ class CellClassifier(L.LightningModule):
         self.net = net
         self.optimizer = optimizer
         self.classes = list(classes)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
         n = len(self.classes)
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(n, average="micro") for _ in range(3)
@@ -41,7 +47,7 @@ class CellClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net((x - self.mean) / self.std)
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch

@@ -1,0 +1,56 @@
+"""Find the split folders of a dataset and check them before any training starts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from cellcls.errors import CellclsError
+
+KAGGLE_URL = "https://www.kaggle.com/datasets/paultimothymooney/blood-cells"
+# Where the split folders sit inside Kaggle's download, relative to what the user points at.
+KAGGLE_SUBDIRS = ("images", "dataset2-master/images", "dataset2-master/dataset2-master/images")
+
+
+def find_split_root(root: str | Path, splits: Sequence[str]) -> Path:
+    """Return the folder holding all `splits`: `root` itself or Kaggle's nested layout under it."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise CellclsError(
+            f"data.root '{root}' does not exist. Download the Kaggle 'Blood Cell Images' "
+            f"dataset ({KAGGLE_URL}), unpack it and pass data.root=<unpacked folder> or set "
+            "CELLCLS_DATA; or run on generated images with data=synthetic (no download needed)."
+        )
+    for candidate in (root, *(root / sub for sub in KAGGLE_SUBDIRS)):
+        if all((candidate / split).is_dir() for split in splits):
+            return candidate
+    raise CellclsError(
+        f"data.root '{root}' holds no {'/ and '.join(splits)}/ folders (looked in it and in "
+        f"{', '.join(KAGGLE_SUBDIRS)} under it). Point data.root at the folder that contains "
+        f"{' and '.join(s + '/' for s in splits)}, or at the unpacked Kaggle download."
+    )
+
+
+def check_classes(split_dir: Path, classes: Sequence[str]) -> None:
+    """Fail unless `split_dir` has exactly one non-empty folder per class in `classes`."""
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    missing = [c for c in classes if c not in found]
+    unexpected = [c for c in found if c not in classes]
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing {missing}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected}")
+        raise CellclsError(
+            f"class folders in '{split_dir}' do not match data.classes={list(classes)}: "
+            f"{'; '.join(problems)}. Rename or remove the folders, or set data.classes."
+        )
+    for c in classes:
+        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (split_dir / c).iterdir()):
+            raise CellclsError(
+                f"class folder '{split_dir / c}' holds no images ({', '.join(IMG_EXTENSIONS)}). "
+                "Add images or remove the class from data.classes."
+            )

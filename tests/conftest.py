@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny generated datasets and a runner for the Hydra entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cellcls.data.generate import generate_dataset
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+# Small, fast runs: few images, small inputs, no progress bar redraws in captured output.
+FAST = [
+    "data=synthetic",
+    "data.image_size=48",
+    "data.num_workers=0",
+    "trainer.accelerator=cpu",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 TRAIN and 2 TEST images per class in the Kaggle layout."""
+    return generate_dataset(tmp_path_factory.mktemp("data") / "tiny", 6, 2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder shared by the end-to-end runs, so each dataset is generated once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_module(module: str, args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    """Run `python -m module args` as a user would, in `cwd`, with its own cache folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELLCLS_", "HYDRA_"))}
+    env["CELLCLS_CACHE"] = str(cache)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

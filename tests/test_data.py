@@ -1,0 +1,103 @@
+"""The datamodule's splits, tensors and class order, and its messages for bad layouts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cellcls.data.datamodule import BloodCellsDataModule
+from cellcls.errors import CellclsError
+from tests.conftest import CLASSES
+
+
+def make_dm(root: Path, **kw) -> BloodCellsDataModule:
+    kw = {"classes": CLASSES, "image_size": 32, "batch_size": 4, "num_workers": 0} | kw
+    return BloodCellsDataModule(root, **kw)
+
+
+def test_splits_shapes_dtype_range(tiny_root: Path) -> None:
+    dm = make_dm(tiny_root, val_fraction=0.25)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 6, 8)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0 and x.max() > 0.5
+    assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(4))
+
+
+def test_split_is_seeded_and_disjoint(tiny_root: Path) -> None:
+    a, b, c = make_dm(tiny_root, seed=1), make_dm(tiny_root, seed=1), make_dm(tiny_root, seed=2)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert a.val_set.indices == b.val_set.indices != c.val_set.indices
+    assert not set(a.train_set.indices) & set(a.val_set.indices)
+
+
+def test_class_order_comes_from_config(tiny_root: Path) -> None:
+    order = list(reversed(CLASSES))
+    dm = make_dm(tiny_root, classes=order)
+    dm.setup()
+    for ds in (dm.train_set.dataset, dm.test_set):
+        assert ds.classes == order
+        for path, label in ds.samples:
+            assert Path(path).parent.name == order[label]
+
+
+def test_finds_kaggle_download_layout(tiny_root: Path, tmp_path: Path) -> None:
+    nested = tmp_path / "blood-cells" / "dataset2-master" / "dataset2-master" / "images"
+    shutil.copytree(tiny_root, nested)
+    dm = make_dm(tmp_path / "blood-cells")
+    dm.setup("test")
+    assert Path(dm.test_set.root) == nested / "TEST"
+
+
+@pytest.fixture
+def broken(tiny_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_root, root)
+    return root
+
+
+def setup_error(root: Path, **kw) -> str:
+    with pytest.raises(CellclsError) as err:
+        make_dm(root, **kw).setup()
+    return str(err.value)
+
+
+def test_missing_root_says_where_to_get_data(tmp_path: Path) -> None:
+    msg = setup_error(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in msg
+    assert "kaggle.com" in msg and "data=synthetic" in msg
+
+
+def test_root_without_splits(tmp_path: Path) -> None:
+    (tmp_path / "something").mkdir()
+    msg = setup_error(tmp_path)
+    assert str(tmp_path) in msg and "TRAIN/" in msg and "TEST/" in msg
+
+
+def test_missing_class_folder(broken: Path) -> None:
+    shutil.rmtree(broken / "TEST" / "MONOCYTE")
+    msg = setup_error(broken)
+    assert str(broken / "TEST") in msg and "missing ['MONOCYTE']" in msg
+
+
+def test_unexpected_class_folder(broken: Path) -> None:
+    (broken / "TRAIN" / "BASOPHIL").mkdir()
+    msg = setup_error(broken)
+    assert str(broken / "TRAIN") in msg and "unexpected ['BASOPHIL']" in msg
+
+
+def test_empty_class_folder(broken: Path) -> None:
+    for f in (broken / "TRAIN" / "LYMPHOCYTE").iterdir():
+        f.unlink()
+    msg = setup_error(broken)
+    assert str(broken / "TRAIN" / "LYMPHOCYTE") in msg and "no images" in msg
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5])
+def test_bad_val_fraction(tiny_root: Path, fraction: float) -> None:
+    assert "data.val_fraction" in setup_error(tiny_root, val_fraction=fraction)
