@@ -8,8 +8,9 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from cellcls.callbacks import SaveConfig
 from cellcls.errors import CellclsError, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="object")
     model: L.LightningModule = instantiate(cfg.model, _convert_="object")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model")}
+    callbacks.append(SaveConfig(run_config))
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 

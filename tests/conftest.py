@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -47,3 +48,26 @@ def run_module(module: str, args: list[str], cwd: Path, cache: Path) -> subproce
         text=True,
         timeout=600,
     )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path):
+    """One short training run on generated data, shared by the train and eval tests."""
+    cwd = tmp_path_factory.mktemp("trained")
+    args = [
+        *FAST,
+        "data.n_train=60",
+        "data.n_test=15",
+        "trainer.max_epochs=6",
+        "hydra.run.dir=outputs/run",
+    ]
+    result = run_module("cellcls.train", args, cwd, synthetic_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "outputs" / "run", result
+
+
+def last_value(metrics_csv: Path, key: str) -> float:
+    """The last value of `key` in a CSVLogger metrics file."""
+    rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get(key)]
+    assert rows, f"{key} not logged in {metrics_csv}"
+    return float(rows[-1][key])

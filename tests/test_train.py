@@ -2,37 +2,33 @@
 
 from __future__ import annotations
 
-import csv
+import json
 from pathlib import Path
 
-from tests.conftest import FAST, run_module
+import pytest
+from PIL import Image
+
+from tests.conftest import FAST, last_value, run_module
 
 
-def last_value(metrics_csv: Path, key: str) -> float:
-    rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get(key)]
-    assert rows, f"{key} not logged in {metrics_csv}"
-    return float(rows[-1][key])
-
-
-def test_train_learns_and_writes_outputs(tmp_path: Path, synthetic_cache: Path) -> None:
-    args = [
-        *FAST,
-        "data.n_train=60",
-        "data.n_test=15",
-        "trainer.max_epochs=6",
-        "hydra.run.dir=outputs/run",
-    ]
-    result = run_module("cellcls.train", args, tmp_path, synthetic_cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "outputs" / "run"
+def test_train_learns_and_writes_outputs(trained_run) -> None:
+    run, result = trained_run
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run / "checkpoints").glob("epoch_*.ckpt"))) == 1  # the best one
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "train.log").is_file()
-    metrics = run / "metrics.csv"
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss"):
+    metrics = run / "csv" / "metrics.csv"
+    keys = ("train/loss", "train/acc", "train/img_s", "val/loss", "val/acc", "val/acc_best")
+    for key in (*keys, "test/loss"):
         last_value(metrics, key)
     assert last_value(metrics, "test/acc") > 0.5, "no better than chance (0.25)"
     assert "Best checkpoint:" in result.stderr + result.stdout
+    # The test phase's report and the training curves.
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["split"] == "TEST" and report["n_images"] == 4 * 15
+    assert report["accuracy"] == pytest.approx(last_value(metrics, "test/acc"), abs=1e-6)
+    assert Path(report["checkpoint"]).name.startswith("epoch_")
+    with Image.open(run / "curves.png") as im:
+        assert im.size[0] > 300
 
 
 def test_missing_data_is_one_clear_message(tmp_path: Path, synthetic_cache: Path) -> None:
@@ -60,8 +56,8 @@ def test_multirun_one_folder_per_job(tmp_path: Path, synthetic_cache: Path) -> N
     lrs = []
     for job in jobs:
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
-        last_value(sweep / job / "metrics.csv", "test/acc")
-        lrs.append(last_value(sweep / job / "metrics.csv", "lr-Adam"))
+        last_value(sweep / job / "csv" / "metrics.csv", "test/acc")
+        lrs.append(last_value(sweep / job / "csv" / "metrics.csv", "lr-Adam"))
     assert lrs == [1e-3, 1e-4]
     # Both jobs used the one dataset generated for these settings.
     dataset = synthetic_cache / "synthetic-8-2-seed0"

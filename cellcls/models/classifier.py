@@ -21,6 +21,7 @@ class CellClassifier(L.LightningModule):
     `optimizer` is a partial (Hydra `_partial_: true`) that only lacks the parameters.
     Inputs are images in [0, 1]; they are normalised here with the training set's per-channel
     `mean` and `std`, on the training device, and those statistics travel in the checkpoint.
+    `channels_last` runs the convolutions in NHWC memory format, faster on most CPUs and GPUs.
     """
 
     def __init__(
@@ -30,11 +31,13 @@ class CellClassifier(L.LightningModule):
         classes: Sequence[str],
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.25, 0.25, 0.25),
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         # The network and optimizer are rebuilt from the Hydra config; keep only plain values.
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
-        self.net = net
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.channels_last = channels_last
         self.optimizer = optimizer
         self.classes = list(classes)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
@@ -47,9 +50,12 @@ class CellClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
@@ -58,14 +64,14 @@ class CellClassifier(L.LightningModule):
         acc_metric(logits, y)
         self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return loss, logits
 
     def on_train_start(self) -> None:
         # The sanity check's batches must not count towards the best validation accuracy.
         self.val_acc_best.reset()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -74,8 +80,10 @@ class CellClassifier(L.LightningModule):
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        # Per-image outputs for callbacks that write reports (see cellcls.callbacks.TestReport).
+        logits = self._step(batch, "test")[1]
+        return {"probs": logits.detach().float().softmax(1), "labels": batch[1]}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(params=self.parameters())

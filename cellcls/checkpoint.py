@@ -1,0 +1,51 @@
+"""Reading checkpoints safely: tensors and plain values only, never code from the file."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cellcls.errors import CellclsError
+
+# Where `cellcls.callbacks.SaveConfig` puts the run's resolved data and model config.
+CONFIG_KEY = "cellcls_config"
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True` on the CPU; bad files raise `CellclsError`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CellclsError(f"ckpt_path '{path}' does not exist (or is not a file).")
+    if not zipfile.is_zipfile(path):
+        raise CellclsError(
+            f"ckpt_path '{path}' is not a readable checkpoint (not a torch.save file)."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = str(err).splitlines()
+        why = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0][:200])
+        raise CellclsError(
+            f"ckpt_path '{path}' was refused: it holds more than tensors and plain values, and "
+            f"loading it could run code from the file ({why})."
+        ) from None
+    except Exception as err:  # torch raises several types for files that are not checkpoints
+        raise CellclsError(f"ckpt_path '{path}' is not a readable checkpoint: {err}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CellclsError(f"ckpt_path '{path}' is not a Lightning checkpoint (no state_dict).")
+    return ckpt
+
+
+def saved_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The data and model config stored in a cellcls checkpoint."""
+    config = ckpt.get(CONFIG_KEY)
+    if not isinstance(config, dict) or not {"data", "model"} <= config.keys():
+        raise CellclsError(
+            f"ckpt_path '{path}' was not written by cellcls.train (it holds no data and model "
+            "config to rebuild the model from)."
+        )
+    return config

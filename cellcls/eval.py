@@ -1,0 +1,84 @@
+"""`python -m cellcls.eval ckpt_path=PATH`: score a checkpoint on a folder and write its report."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cellcls.checkpoint import load_checkpoint, saved_config
+from cellcls.errors import CellclsError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+
+def rebuild_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
+    """The checkpoint's data and model config, with the command line's `data.*`/`model.*` on top.
+
+    A group choice (`data=synthetic`) replaces the saved group; `data.split` always comes from
+    `cfg`, so eval scores the official TEST folder unless told otherwise.
+    """
+    out = OmegaConf.create({"data": saved["data"], "model": saved["model"]})
+    keys = {"data.split"}
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in ("data", "model"):
+            out[key] = OmegaConf.to_container(cfg[key], resolve=True)
+        elif key.startswith(("data.", "model.")):
+            keys.add(key)
+    for key in sorted(keys):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        OmegaConf.update(out, key, value, merge=False)
+    return out
+
+
+def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:
+    """Rebuild the checkpoint's model and data, test it, and return the test metrics."""
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise CellclsError("ckpt_path is required: python -m cellcls.eval ckpt_path=PATH")
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    run = rebuild_config(cfg, saved_config(ckpt, cfg.ckpt_path), overrides)
+    datamodule: L.LightningDataModule = instantiate(run.data, _convert_="object")
+    model: L.LightningModule = instantiate(run.model, _convert_="object")
+    if list(model.classes) != list(datamodule.classes):
+        raise CellclsError(
+            f"checkpoint '{cfg.ckpt_path}' was trained for classes {list(model.classes)}, "
+            f"but data.classes is {list(datamodule.classes)}."
+        )
+    size = OmegaConf.select(run, "model.net.image_size")
+    if size is not None and size != run.data.image_size:
+        raise CellclsError(
+            f"checkpoint '{cfg.ckpt_path}' was trained on {size}x{size} images; "
+            f"data.image_size={run.data.image_size} does not fit its network."
+        )
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise CellclsError(
+            f"checkpoint '{cfg.ckpt_path}' does not fit the model built from its config and your "
+            f"overrides (another architecture?): {str(err).splitlines()[1:2] or err}"
+        ) from None
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    (metrics,) = trainer.test(model, datamodule=datamodule)
+    log.info("Report: %s", HydraConfig.get().runtime.output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg, list(HydraConfig.get().overrides.task))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""`python -m cellcls.eval` on checkpoints of a short training run, and its messages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import CLASSES, FAST, run_module
+
+EVAL_FAST = [a for a in FAST if not a.startswith(("data=", "data.image_size"))]
+
+
+def best_checkpoint(run: Path) -> Path:
+    (best,) = (run / "checkpoints").glob("epoch_*.ckpt")
+    return best
+
+
+def evaluate(cwd: Path, cache: Path, ckpt: Path, *args: str):
+    out = cwd / "eval"
+    result = run_module(
+        "cellcls.eval", [f"ckpt_path={ckpt}", *EVAL_FAST, f"hydra.run.dir={out}", *args], cwd, cache
+    )
+    return out, result
+
+
+def test_eval_reproduces_train_test_accuracy(trained_run, tmp_path, synthetic_cache) -> None:
+    run, _ = trained_run
+    out, result = evaluate(run.parents[1], synthetic_cache, best_checkpoint(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((run / "metrics.json").read_text())
+    evaluated = json.loads((out / "metrics.json").read_text())
+    assert evaluated["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-9)
+    assert evaluated["split"] == "TEST" and evaluated["n_images"] == trained["n_images"]
+    assert evaluated["checkpoint"] == str(best_checkpoint(run))
+    assert "balanced accuracy" in result.stderr + result.stdout  # the console table
+
+
+def test_report_files_are_well_formed(trained_run, tmp_path, synthetic_cache) -> None:
+    run, _ = trained_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "loss", "n_images", "split"):
+        assert key in metrics
+    assert set(metrics["per_class"]) == set(CLASSES)
+    assert set(metrics["per_class"]["MONOCYTE"]) == {"precision", "recall", "f1", "support"}
+    rows = list(csv.DictReader((run / "predictions.csv").open()))
+    assert list(rows[0]) == ["path", "label", "pred", *CLASSES]
+    assert len(rows) == metrics["n_images"]
+    assert all(Path(r["path"]).is_file() for r in rows)
+    accuracy = sum(r["label"] == r["pred"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(metrics["accuracy"])
+    for r in rows:
+        assert sum(float(r[c]) for c in CLASSES) == pytest.approx(1.0, abs=1e-4)
+        assert max(CLASSES, key=lambda c: float(r[c])) == r["pred"]
+    cm = list(csv.reader((run / "confusion_matrix.csv").open()))
+    assert cm[0][1:] == CLASSES and [r[0] for r in cm[1:]] == CLASSES
+    assert sum(int(v) for r in cm[1:] for v in r[1:]) == len(rows)
+    for png in ("confusion_matrix.png", "errors.png", "curves.png"):
+        with Image.open(run / png) as im:
+            im.verify()
+
+
+def test_eval_another_split_folder(trained_run, tmp_path, synthetic_cache) -> None:
+    run, _ = trained_run
+    saved = torch.load(best_checkpoint(run), weights_only=True)["cellcls_config"]
+    source = Path(saved["data"]["root"])
+    if not source.is_absolute():
+        source = run.parents[1] / source
+    other = tmp_path / "elsewhere"
+    shutil.copytree(source / "TEST", other / "OTHER")
+    for c in CLASSES:  # a smaller folder, so the count shows which one was scored
+        for f in sorted((other / "OTHER" / c).iterdir())[5:]:
+            f.unlink()
+    args = [f"data.root={other}", "data.split=OTHER"]
+    out, result = evaluate(run.parents[1], synthetic_cache, best_checkpoint(run), *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "OTHER" and metrics["n_images"] == 4 * 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model.net.hidden=64"], "does not fit the model built from its config"),
+        (["data.image_size=64"], "trained on 48x48 images"),
+        (["data.classes=[A,B,C,D]"], "was trained for classes"),
+    ],
+)
+def test_eval_mismatch_is_one_clear_message(
+    trained_run, synthetic_cache, args: list[str], message: str
+) -> None:
+    run, _ = trained_run
+    _, result = evaluate(run.parents[1], synthetic_cache, best_checkpoint(run), *args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_bad_checkpoints(tmp_path: Path, synthetic_cache: Path) -> None:
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_text("not a checkpoint")
+    cases = {
+        tmp_path / "missing.ckpt": "does not exist",
+        foreign: "was not written by cellcls.train",
+        garbage: "is not a readable checkpoint",
+    }
+    for ckpt, message in cases.items():
+        _, result = evaluate(tmp_path, synthetic_cache, ckpt)
+        assert result.returncode != 0
+        assert f"'{ckpt}'" in result.stderr and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr

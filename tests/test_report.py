@@ -1,0 +1,82 @@
+"""Report metrics on a hand-checked example, and the files and figures written."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellcls.report import classification_metrics, format_table, plot_curves, write_report
+
+CLASSES = ["A", "B", "C"]
+
+
+def one_hot_probs(preds: list[int], confidence: float = 0.8) -> np.ndarray:
+    probs = np.full((len(preds), 3), (1 - confidence) / 2, dtype=np.float32)
+    probs[np.arange(len(preds)), preds] = confidence
+    return probs
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    # A: 2 images, 1 right; B: 2 images, both right, plus A's mistake; C: 1 image, right.
+    labels = np.array([0, 0, 1, 1, 2])
+    m = classification_metrics(labels, one_hot_probs([0, 1, 1, 1, 2]), CLASSES)
+    assert m["accuracy"] == pytest.approx(4 / 5)
+    assert m["per_class"]["A"] == pytest.approx(
+        {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}
+    )
+    assert m["per_class"]["B"]["precision"] == pytest.approx(2 / 3)
+    assert m["per_class"]["B"]["f1"] == pytest.approx(0.8)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 1) / 3)
+    assert m["loss"] == pytest.approx((-4 * np.log(0.8) - np.log(0.1)) / 5, rel=1e-6)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]
+    assert "balanced accuracy 0.8333" in format_table(m)
+
+
+def test_absent_class_does_not_count_in_balanced_accuracy() -> None:
+    m = classification_metrics(np.array([0, 1]), one_hot_probs([0, 0]), CLASSES)
+    assert m["per_class"]["C"]["support"] == 0
+    assert m["balanced_accuracy"] == pytest.approx(0.5)
+
+
+def test_write_report_files(tmp_path: Path) -> None:
+    paths = []
+    for i in range(5):
+        paths.append(str(tmp_path / f"img{i}.jpeg"))
+        Image.new("RGB", (32, 24), (40 * i, 0, 0)).save(paths[-1])
+    labels, probs = np.array([0, 0, 1, 1, 2]), one_hot_probs([0, 2, 1, 0, 2])
+    out = tmp_path / "report"
+    write_report(out, paths, labels, probs, CLASSES, split="TEST", checkpoint="x.ckpt")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "TEST" and metrics["checkpoint"] == "x.ckpt"
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["path"] for r in rows] == paths
+    assert [r["pred"] for r in rows] == ["A", "C", "B", "A", "C"]
+    assert float(rows[1]["C"]) == pytest.approx(0.8)
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    for name in ("confusion_matrix.png", "errors.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_errors_png_without_errors(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(path)
+    write_report(tmp_path, [str(path)], np.array([1]), one_hot_probs([1]), CLASSES)
+    with Image.open(tmp_path / "errors.png") as im:
+        assert im.format == "PNG"
+
+
+def test_curves(tmp_path: Path) -> None:
+    history = [
+        {"epoch": 1, "train/loss": 1.2, "train/acc": 0.4, "val/loss": 1.1, "val/acc": 0.5},
+        {"epoch": 2, "train/loss": 0.8, "train/acc": 0.7, "val/loss": 0.9, "val/acc": 0.6},
+    ]
+    plot_curves(history, tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as im:
+        assert im.format == "PNG" and im.size == (1000, 400)
