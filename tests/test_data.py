@@ -23,6 +23,8 @@ def test_splits_shapes_dtype_range(tiny_root: Path) -> None:
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 6, 8)
     x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.uint8  # 4x smaller to move around
+    x, y = dm.on_after_batch_transfer((x, y), 0)  # scaled on the device, as in the tutorial
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
     assert x.min() >= 0.0 and x.max() <= 1.0 and x.max() > 0.5
     assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(4))
@@ -51,7 +53,8 @@ def test_finds_kaggle_download_layout(tiny_root: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_root, nested)
     dm = make_dm(tmp_path / "blood-cells")
     dm.setup("test")
-    assert Path(dm.test_set.root) == nested / "TEST"
+    assert dm.split_root == nested
+    assert all(Path(p).is_relative_to(nested / "TEST") for p in dm.test_paths)
 
 
 @pytest.fixture
@@ -101,3 +104,20 @@ def test_empty_class_folder(broken: Path) -> None:
 @pytest.mark.parametrize("fraction", [0, 1, 1.5])
 def test_bad_val_fraction(tiny_root: Path, fraction: float) -> None:
     assert "data.val_fraction" in setup_error(tiny_root, val_fraction=fraction)
+
+
+def test_split_val_tests_on_the_holdout(tiny_root: Path) -> None:
+    dm = make_dm(tiny_root, split="val", val_fraction=0.25)
+    dm.setup()
+    assert dm.test_set is dm.val_set
+    samples = dm.val_set.dataset.samples
+    assert dm.test_paths == [samples[i][0] for i in dm.val_set.indices]
+
+
+def test_test_stage_needs_only_its_split(tiny_root: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_root / "TEST", tmp_path / "OTHER")
+    dm = make_dm(tmp_path, split="OTHER")
+    dm.setup("test")
+    assert len(dm.test_set) == 8 and dm.train_set is None
+    assert all(Path(p).parts[-3] == "OTHER" for p in dm.test_paths)
+    assert "TRAIN/" in setup_error(tmp_path, split="OTHER")  # fitting still needs TRAIN

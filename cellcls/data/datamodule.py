@@ -2,39 +2,53 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from torchvision.datasets import ImageFolder
-from torchvision.transforms import v2
 
+from cellcls.data.cache import CachedImages, DecodeImage, cpu_count, load_images
 from cellcls.data.generate import generate_dataset
 from cellcls.data.layout import check_classes, find_split_root
 from cellcls.errors import CellclsError
+
+CACHE_MODES = ("disk", "memory", None)
 
 
 class ClassFolder(ImageFolder):
     """ImageFolder whose class list and order come from the caller, not from sorting folders."""
 
-    def __init__(self, root: Path, classes: Sequence[str], transform: Any = None) -> None:
+    def __init__(self, root: Path, classes: Sequence[str], loader: Any) -> None:
         self._classes = list(classes)
-        super().__init__(str(root), transform=transform)
+        super().__init__(str(root), loader=loader)
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         return self._classes, {c: i for i, c in enumerate(self._classes)}
 
 
-class BloodCellsDataModule(L.LightningDataModule):
-    """TRAIN minus a seeded validation fraction for fit, the official TEST folder for test.
+# `split` value that tests on the seeded validation part of TRAIN (the tutorial's protocol).
+HOLDOUT = "val"
 
-    Images are resized to `image_size` x `image_size` and scaled to [0, 1], as in the tutorial.
+
+def batch_as_is(batch: Any) -> Any:
+    """Collate for `CachedImages`, whose `__getitems__` already returns a whole batch."""
+    return batch
+
+
+class BloodCellsDataModule(L.LightningDataModule):
+    """TRAIN minus a seeded validation fraction for fit; the `split` folder (TEST) for test.
+
+    Images are resized to `image_size` x `image_size`, decoded once into a uint8 store (`cache`:
+    `disk` under `cache_dir`, `memory`, or null to decode every image in every epoch), and
+    scaled to [0, 1] in whole batches on the training device, as in the tutorial.
     `mean` and `std` are the training images' per-channel statistics; the model normalises
     with them on its own device (see the model config), so they live with the data settings.
+    `split` names the folder that test and eval score, next to `train_split`; `split="val"`
+    scores the validation part of TRAIN instead, as the tutorial does.
     """
 
     def __init__(
@@ -47,21 +61,17 @@ class BloodCellsDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         seed: int = 42,
         train_split: str = "TRAIN",
-        test_split: str = "TEST",
+        split: str = "TEST",
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.25, 0.25, 0.25),
+        cache: str | None = "memory",
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
         self.classes = list(classes)
-        self.transform = v2.Compose(
-            [
-                v2.Resize((image_size, image_size)),
-                v2.ToImage(),
-                v2.ToDtype(torch.float32, scale=True),
-            ]
-        )
+        self.decode = DecodeImage(image_size)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -70,25 +80,64 @@ class BloodCellsDataModule(L.LightningDataModule):
         hp = self.hparams
         if not 0 < hp.val_fraction < 1:
             raise CellclsError(f"data.val_fraction must be in (0, 1), got {hp.val_fraction}")
-        split_root = find_split_root(self.root, [hp.train_split, hp.test_split])
-        for split in (hp.train_split, hp.test_split):
+        if hp.cache not in CACHE_MODES:
+            raise CellclsError(f"data.cache must be one of {CACHE_MODES}, got {hp.cache!r}")
+        if hp.cache == "disk" and not hp.cache_dir:
+            raise CellclsError("data.cache=disk needs data.cache_dir (a folder for the store)")
+        fitting = stage in ("fit", "validate", None)
+        testing = stage in ("test", "predict", None)
+        needs_train = fitting or (testing and hp.split == HOLDOUT)
+        splits = [hp.train_split] if needs_train else []
+        if testing and hp.split != HOLDOUT:
+            splits.append(hp.split)
+        split_root = self.split_root = find_split_root(self.root, splits)
+        for split in splits:
             check_classes(split_root / split, self.classes)
-        if stage in ("fit", "validate", None) and self.train_set is None:
-            full = ClassFolder(split_root / hp.train_split, self.classes, self.transform)
+        if needs_train and self.train_set is None:
+            full = self._dataset(split_root / hp.train_split)
             generator = torch.Generator().manual_seed(hp.seed)
             self.train_set, self.val_set = random_split(
                 full, [1 - hp.val_fraction, hp.val_fraction], generator=generator
             )
-        if stage in ("test", None) and self.test_set is None:
-            self.test_set = ClassFolder(split_root / hp.test_split, self.classes, self.transform)
+        if testing and self.test_set is None:
+            self.test_set = (
+                self.val_set if hp.split == HOLDOUT else self._dataset(split_root / hp.split)
+            )
+
+    def _dataset(self, folder: Path) -> Dataset:
+        """One split folder, read through the decoded-image cache unless it is off."""
+        files = ClassFolder(folder, self.classes, loader=self.decode)
+        if self.hparams.cache is None:
+            return files
+        cache_dir = self.hparams.cache_dir if self.hparams.cache == "disk" else None
+        paths = [path for path, _ in files.samples]
+        images = load_images(paths, self.hparams.image_size, cache_dir, name=folder.name)
+        return CachedImages(images, files.samples, files.classes)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Scale uint8 images to [0, 1] floats on the device, a whole batch at once."""
+        x, y = batch
+        return x.float().div_(255), y
+
+    @property
+    def test_paths(self) -> list[str]:
+        """The test images' file paths, in the order the test loader yields them."""
+        if self.test_set is None:
+            raise RuntimeError("call setup('test') first")
+        if isinstance(self.test_set, Subset):
+            samples = self.test_set.dataset.samples  # type: ignore[attr-defined]
+            return [samples[i][0] for i in self.test_set.indices]
+        return [path for path, _ in self.test_set.samples]  # type: ignore[attr-defined]
 
     def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader:
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        cached = self.hparams.cache is not None
         workers = self.hparams.num_workers
         if workers is None:
-            # On a CPU the main process needs the cores for the maths; on a GPU it mostly waits.
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-            workers = min(8, cpus if on_gpu else cpus - 1)
+            # Cached batches are one indexing operation: workers would only add copies. Else, on
+            # a CPU the main process needs the cores for the maths; on a GPU it mostly waits.
+            cpus = cpu_count()
+            workers = 0 if cached else min(8, cpus if on_gpu else cpus - 1)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -96,6 +145,7 @@ class BloodCellsDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=on_gpu,
             persistent_workers=workers > 0,
+            collate_fn=batch_as_is if cached else None,
         )
 
     def train_dataloader(self) -> DataLoader:

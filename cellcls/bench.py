@@ -1,0 +1,200 @@
+"""`python -m cellcls.bench`: input pipeline and training speed, measured side by side in one run.
+
+Every figure is images per second over the same images, batch size and cores, timed on a pass
+after a warm-up pass. The table is for people; the last line is one JSON object for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from cellcls.callbacks import EpochSpeed
+from cellcls.data.cache import CachedImages, cpu_count
+from cellcls.data.datamodule import BloodCellsDataModule
+from cellcls.errors import CellclsError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_pass(batches: Callable[[], Iterable[Any]], step: Callable[[Any], None], device) -> float:
+    """Images per second of the second of two passes (the first warms caches and workers)."""
+    for _ in range(2):
+        n, start = 0, time.perf_counter()
+        for batch in batches():
+            step(batch)
+            n += len(batch[1])
+        _sync(device)
+        seconds = time.perf_counter() - start
+    return n / seconds
+
+
+def tutorial_loader(
+    dm: BloodCellsDataModule, full: CachedImages, indices: list[int], workers: int
+) -> DataLoader:
+    """ImageFolder + PIL decode and resize of every image in every epoch, as tutorials do."""
+    folder = ImageFolder(
+        str(dm.split_root / dm.hparams.train_split),
+        transform=transforms.Compose(
+            [transforms.Resize((dm.hparams.image_size,) * 2), transforms.ToTensor()]
+        ),
+    )
+    by_path = {path: i for i, (path, _) in enumerate(folder.samples)}
+    subset = Subset(folder, [by_path[full.samples[i][0]] for i in indices])
+    return DataLoader(
+        subset,
+        batch_size=dm.hparams.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+
+
+def plain_torch_train(
+    cfg: DictConfig, full: CachedImages, indices: list[int], batch_size: int, device: torch.device
+) -> float:
+    """A minimal hand-written fp32 training loop over the cached tensors."""
+    images, labels = full.images[indices].contiguous(), full.targets[indices]
+    net = instantiate(cfg.model.net).to(device)
+    optimizer = instantiate(cfg.model.optimizer)(params=net.parameters())
+    mean = torch.tensor(cfg.model.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.model.std, device=device).view(1, -1, 1, 1)
+    bs = batch_size
+
+    def batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(indices))
+        for i in range(0, len(order), bs):
+            idx = order[i : i + bs]
+            yield images[idx], labels[idx]
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x = (batch[0].to(device).float() / 255 - mean) / std
+        loss = F.cross_entropy(net(x), batch[1].to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return timed_pass(batches, step, device)
+
+
+def lightning_train(cfg: DictConfig, dm: BloodCellsDataModule, **settings: Any) -> float:
+    """cellcls's own training (two epochs, no validation); img/s of the second epoch."""
+    model_kwargs = {"channels_last": settings.pop("channels_last")} if settings else {}
+    model = instantiate(cfg.model, _convert_="object", **model_kwargs)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        max_epochs=2,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[EpochSpeed()],
+        **settings,
+    )
+    trainer.fit(model, datamodule=dm)
+    return float(trainer.callback_metrics["train/img_s"])
+
+
+def bench(cfg: DictConfig) -> dict[str, Any]:
+    """Measure every figure on the same first `bench.n_images` images of the training split."""
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.data.get("cache") is None:
+        raise CellclsError("cellcls.bench measures the cache against ImageFolder: set data.cache")
+    if cfg.bench.n_images < 1:
+        raise CellclsError(f"bench.n_images must be at least 1, got {cfg.bench.n_images}")
+    dm: BloodCellsDataModule = instantiate(cfg.data, _convert_="object")
+    dm.prepare_data()
+    start = time.perf_counter()
+    dm.setup("fit")  # decodes TRAIN into the cache, or opens the cache a run already built
+    setup_s = time.perf_counter() - start
+    n = min(cfg.bench.n_images, len(dm.train_set))
+    full = dm.train_set.dataset  # all of TRAIN, behind the random split
+    indices = [dm.train_set.indices[i] for i in range(n)]
+    dm.train_set = Subset(dm.train_set, range(n))  # setup() keeps it: train_set is set
+    gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+
+    def to_device(batch: Any) -> Any:
+        return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+
+    r: dict[str, Any] = {}
+    log.info("ImageFolder, decode + resize every epoch (%d images) ...", n)
+    folder_loader = tutorial_loader(dm, full, indices, workers=cpu_count())
+    r["imagefolder_img_s"] = timed_pass(lambda: folder_loader, to_device, device)
+    log.info("cellcls's cached pipeline ...")
+    r["cached_img_s"] = timed_pass(
+        dm.train_dataloader, lambda b: dm.on_after_batch_transfer(to_device(b), 0), device
+    )
+    log.info("plain PyTorch loop, fp32 ...")
+    batch_size = dm.hparams.batch_size
+    r["plain_torch_train_img_s"] = plain_torch_train(cfg, full, indices, batch_size, device)
+    log.info("Lightning with cellcls's defaults ...")
+    r["lightning_train_img_s"] = lightning_train(cfg, dm)
+    log.info("Lightning with the plain loop's settings ...")
+    r["lightning_same_settings_img_s"] = lightning_train(
+        cfg, dm, precision="32-true", channels_last=False
+    )
+    return r | {
+        "cache_setup_s": round(setup_s, 2),
+        "precision": str(cfg.trainer.precision),
+        "channels_last": bool(cfg.model.get("channels_last", False)),
+        "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({cpu_count()} cores)",
+        "batch_size": dm.hparams.batch_size,
+        "image_size": dm.hparams.image_size,
+        "n_images": n,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def format_results(r: dict[str, Any]) -> str:
+    """The speeds as a table, with the ratios the README quotes."""
+    rows = [
+        ("ImageFolder + PIL, every epoch (data only)", r["imagefolder_img_s"]),
+        ("cellcls cached pipeline (data only)", r["cached_img_s"]),
+        ("plain PyTorch loop, fp32 (training)", r["plain_torch_train_img_s"]),
+        (f"cellcls Lightning, {r['precision']} (training)", r["lightning_train_img_s"]),
+        ("cellcls Lightning, plain loop's settings", r["lightning_same_settings_img_s"]),
+    ]
+    lines = [f"{'pipeline':<46} {'img/s':>9}"] + [f"{k:<46} {v:>9.1f}" for k, v in rows]
+    lines += [
+        f"cached / ImageFolder: {r['cached_img_s'] / r['imagefolder_img_s']:.1f}x",
+        f"Lightning / plain loop: {r['lightning_train_img_s'] / r['plain_torch_train_img_s']:.2f}x"
+        f" (same settings: "
+        f"{r['lightning_same_settings_img_s'] / r['plain_torch_train_img_s']:.2f}x)",
+        f"{r['device']}, batch {r['batch_size']}, {r['image_size']}px, {r['n_images']} images, "
+        f"peak RSS {r['peak_rss_mb']} MB",
+    ]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    results = bench(cfg)
+    print(format_results(results))
+    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

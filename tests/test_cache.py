@@ -1,0 +1,100 @@
+"""The decoded-image cache: same pixels as decoding, rebuilt on any change, same batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from cellcls.data.cache import DecodeImage, load_images
+from cellcls.data.datamodule import BloodCellsDataModule
+from tests.conftest import CLASSES, FAST, run_module
+
+
+def train_paths(root: Path) -> list[str]:
+    return sorted(str(p) for p in (root / "TRAIN").rglob("*.jpeg"))
+
+
+def test_cached_equals_fresh_decode(tiny_root: Path, tmp_path: Path) -> None:
+    paths = train_paths(tiny_root)
+    for cache_dir in (None, tmp_path):
+        images = load_images(paths, 40, cache_dir)
+        assert images.shape == (len(paths), 3, 40, 40) and images.dtype == torch.uint8
+        fresh = torch.stack([DecodeImage(40)(p) for p in paths])
+        assert torch.equal(images, fresh)
+
+
+def test_cache_rebuilt_when_files_or_size_change(tiny_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    store = tmp_path / "store"
+    paths = train_paths(root)
+    load_images(paths, 32, store)
+    (first,) = store.glob("*.npy")
+    built = first.stat().st_mtime_ns
+    load_images(paths, 32, store)  # unchanged: reused, not rebuilt
+    assert list(store.glob("*.npy")) == [first] and first.stat().st_mtime_ns == built
+
+    load_images(paths, 24, store)  # another image size is another store
+    assert len(list(store.glob("*.npy"))) == 2
+
+    changed = Path(paths[0])
+    Image.new("RGB", (320, 240), (255, 0, 0)).save(changed)
+    os.utime(changed, ns=(built + 10**9, built + 10**9))
+    images = load_images(paths, 32, store)
+    assert len(list(store.glob("*.npy"))) == 3
+    assert images[0, 0].float().mean() > 250 and images[0, 1].float().mean() < 5
+
+    added = changed.with_name("added.jpeg")
+    shutil.copy(paths[1], added)
+    more = load_images(train_paths(root), 32, store)
+    assert len(more) == len(paths) + 1 and len(list(store.glob("*.npy"))) == 4
+    assert not list(store.glob("*.tmp*")), "an interrupted build must not leave its temp file"
+
+
+def first_batch(dm: BloodCellsDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    L.seed_everything(3)
+    dm.setup("fit")
+    x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    return x, y
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_same_first_batch_with_and_without_cache(tiny_root: Path, tmp_path: Path, cache) -> None:
+    kw = {"classes": CLASSES, "image_size": 36, "batch_size": 8, "num_workers": 0}
+    plain = first_batch(BloodCellsDataModule(tiny_root, cache=None, **kw))
+    cached = first_batch(BloodCellsDataModule(tiny_root, cache=cache, cache_dir=tmp_path, **kw))
+    assert torch.equal(plain[0], cached[0]) and torch.equal(plain[1], cached[1])
+    assert plain[0].dtype == torch.float32 and plain[0].min() >= 0 and plain[0].max() <= 1
+
+
+def test_bench_prints_json(tmp_path: Path, synthetic_cache: Path) -> None:
+    args = [
+        *FAST,
+        "data.n_train=8",
+        "data.n_test=2",
+        "data.image_size=32",
+        "bench.n_images=24",
+        "hydra.run.dir=outputs/bench",
+    ]
+    args = [a for a in args if not a.startswith("callbacks.")]
+    result = run_module("cellcls.bench", args, tmp_path, synthetic_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in (
+        "imagefolder_img_s",
+        "cached_img_s",
+        "plain_torch_train_img_s",
+        "lightning_train_img_s",
+        "lightning_same_settings_img_s",
+    ):
+        assert figures[key] > 0, key
+    assert figures["n_images"] == 24 and figures["image_size"] == 32
+    assert figures["batch_size"] == 16 and figures["peak_rss_mb"] > 0
+    assert "cached / ImageFolder" in result.stdout
