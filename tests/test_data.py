@@ -24,9 +24,7 @@ def test_splits_shapes_dtype_range(tiny_root: Path) -> None:
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 6, 8)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.uint8  # 4x smaller to move around
-    x, y = dm.on_after_batch_transfer((x, y), 0)  # scaled on the device, as in the tutorial
-    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
-    assert x.min() >= 0.0 and x.max() <= 1.0 and x.max() > 0.5
+    assert x.max() > 128  # full 0-255 range; the model scales to [0, 1] on the device
     assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(4))
 
 

@@ -50,3 +50,20 @@ def test_classifier_normalises_inputs_and_keeps_stats_in_checkpoint() -> None:
     state = model.state_dict()
     torch.testing.assert_close(state["std"], std)
     assert model.hparams.classes == list("ABCD")
+
+
+def test_classifier_scales_uint8_like_float_in_unit_range() -> None:
+    from functools import partial
+
+    from cellcls.models import CellClassifier
+
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = CellClassifier(
+            SmallCNN(image_size=32),
+            partial(torch.optim.Adam),
+            list("ABCD"),
+            channels_last=channels_last,
+        )
+        x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+        torch.testing.assert_close(model(x), model(x.float() / 255), rtol=1e-4, atol=1e-5)

@@ -42,9 +42,10 @@ def batch_as_is(batch: Any) -> Any:
 class BloodCellsDataModule(L.LightningDataModule):
     """TRAIN minus a seeded validation fraction for fit; the `split` folder (TEST) for test.
 
-    Images are resized to `image_size` x `image_size`, decoded once into a uint8 store (`cache`:
-    `disk` under `cache_dir`, `memory`, or null to decode every image in every epoch), and
-    scaled to [0, 1] in whole batches on the training device, as in the tutorial.
+    Images are resized to `image_size` x `image_size` and decoded once into a uint8 store
+    (`cache`: `disk` under `cache_dir`, `memory`, or null to decode every image in every
+    epoch). Batches stay uint8 (4x less to move); the model scales them to [0, 1], as in the
+    tutorial, and normalises them in the same pass on the training device.
     `mean` and `std` are the training images' per-channel statistics; the model normalises
     with them on its own device (see the model config), so they live with the data settings.
     `split` names the folder that test and eval score, next to `train_split`; `split="val"`
@@ -113,11 +114,6 @@ class BloodCellsDataModule(L.LightningDataModule):
         paths = [path for path, _ in files.samples]
         images = load_images(paths, self.hparams.image_size, cache_dir, name=folder.name)
         return CachedImages(images, files.samples, files.classes)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Scale uint8 images to [0, 1] floats on the device, a whole batch at once."""
-        x, y = batch
-        return x.float().div_(255), y
 
     @property
     def test_paths(self) -> list[str]:

@@ -19,8 +19,9 @@ class CellClassifier(L.LightningModule):
 
     Cross-entropy on logits is the tutorial's softmax + sparse categorical cross-entropy.
     `optimizer` is a partial (Hydra `_partial_: true`) that only lacks the parameters.
-    Inputs are images in [0, 1]; they are normalised here with the training set's per-channel
-    `mean` and `std`, on the training device, and those statistics travel in the checkpoint.
+    Inputs are uint8 images (0-255) or float images in [0, 1]; they are normalised here with
+    the training set's per-channel `mean` and `std` (of [0, 1] images), on the training device,
+    and those statistics travel in the checkpoint.
     `channels_last` runs the convolutions in NHWC memory format, faster on most CPUs and GPUs.
     """
 
@@ -50,7 +51,10 @@ class CellClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = (x - self.mean) / self.std
+        # uint8 images (the datamodule's batches) are scaled to [0, 1] and normalised in one
+        # pass on the device; float images are taken to be in [0, 1] already.
+        scale = 255.0 if x.dtype == torch.uint8 else 1.0
+        x = (x.float() - self.mean * scale) / (self.std * scale)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
