@@ -1,0 +1,42 @@
+"""`hydra/launcher=slurm` composes; the submitit path runs, here with submitit's local executor."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF_DIR, FAST, run_module
+
+TINY = ["data.n_train=8", "data.n_test=2", "data.image_size=32", "trainer.max_epochs=1"]
+
+
+def test_slurm_launcher_config() -> None:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4"],
+            return_hydra_config=True,
+        )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["tasks_per_node"] == 4 and launcher["timeout_min"] > 0
+    assert "partition" in launcher
+
+
+def test_submitit_local_multirun(tmp_path: Path, synthetic_cache: Path) -> None:
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *FAST, *TINY]
+    result = run_module(
+        "cellcls.train", [*args, "model.optimizer.lr=1e-3"], tmp_path, synthetic_cache
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
+    assert (sweep / ".submitit").is_dir()  # the jobs went through submitit
+    with (sweep / "summary.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    (row,) = rows
+    assert row["model.optimizer.lr"] == "0.001" and row["status"] == "completed" and row["test/acc"]
+    assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
+    assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # the job ran in its own process
