@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cellcls.checkpoint import CONFIG_KEY
 from cellcls.report import format_table, plot_curves, write_report
@@ -19,12 +23,18 @@ log = logging.getLogger(__name__)
 class EpochSpeed(L.Callback):
     """Log `train/epoch_s` (wall time of the training part of an epoch) and `train/img_s`.
 
-    Validation is excluded, so the figures describe training throughput alone.
+    Validation is excluded, so the figures describe training throughput alone. A run resumed
+    mid-epoch starts without `on_train_epoch_start`: its first figures cover the rest of it.
     """
+
+    def __init__(self) -> None:
+        self.img_s: list[float] = []  # this process's images per second, one per epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self._end = time.perf_counter()
         self._images = 0
+
+    on_train_start = on_train_epoch_start
 
     def on_train_batch_end(
         self,
@@ -39,8 +49,10 @@ class EpochSpeed(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seconds = self._end - self._start
-        pl_module.log("train/epoch_s", seconds)
-        pl_module.log("train/img_s", self._images / seconds)
+        self.img_s.append(self._images / seconds)
+        pl_module.log("train/epoch_s", seconds, sync_dist=True)
+        # Under DDP, images per second of all processes together.
+        pl_module.log("train/img_s", self._images / seconds, sync_dist=True, reduce_fx="sum")
 
 
 class TrainingCurves(L.Callback):
@@ -75,7 +87,10 @@ class TestReport(L.Callback):
     """After testing, write the report (see `cellcls.report.write_report`) and print its table.
 
     The datamodule must expose `test_paths` in the test loader's order; the module's
-    `test_step` returns the batch's class probabilities and labels.
+    `test_step` returns the batch's class probabilities and labels. Under DDP, Lightning's
+    DistributedSampler gives rank r images r, r + W, r + 2W, ... of the W processes, the last ones
+    repeated from the start to even the shares: they are gathered, put back in order and the
+    repeats dropped, so the report covers each image once.
     """
 
     def __init__(self, out_dir: str | Path, checkpoint: str | None = None) -> None:
@@ -99,14 +114,21 @@ class TestReport(L.Callback):
         self._labels.append(outputs["labels"].cpu())
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        probs, labels = torch.cat(self._probs), torch.cat(self._labels)
+        if trainer.world_size > 1:  # (W, n, ...) -> image order, as described above
+            probs, labels = (
+                pl_module.all_gather(t.to(pl_module.device)).transpose(0, 1).flatten(0, 1).cpu()
+                for t in (probs, labels)
+            )
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
+        paths = dm.test_paths
         metrics = write_report(
             self.out_dir,
-            dm.test_paths,
-            torch.cat(self._labels).numpy(),
-            torch.cat(self._probs).numpy(),
+            paths,
+            labels[: len(paths)].numpy(),
+            probs[: len(paths)].numpy(),
             pl_module.classes,
             split=dm.hparams.split,
             root=str(dm.root),
@@ -129,3 +151,49 @@ class SaveConfig(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[CONFIG_KEY] = self.config
+
+
+class CheckpointOnInterrupt(L.Callback):
+    """Write `last.ckpt` where Ctrl-C or SIGTERM stopped training, mid-epoch included.
+
+    ModelCheckpoint writes `last.ckpt` only at the end of an epoch; with this callback an
+    interrupted run loses nothing and `ckpt_path=last` resumes it (see the README).
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            path = self.dirpath / "last.ckpt"
+            trainer.save_checkpoint(path, weights_only=False)  # the full state, to resume
+            log.warning("Training interrupted at epoch %d; saved %s", trainer.current_epoch, path)
+
+
+class RngState(L.Callback):
+    """Keep the random generators' states (torch, numpy, Python) in checkpoints.
+
+    Lightning restores weights, optimizer and loops but not the generators, so without this a
+    resumed run would shuffle and augment differently from the run it continues.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, *rest = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # numpy's keys as a list: an ndarray would not load with weights_only=True.
+            "numpy": [kind, keys.tolist(), *rest],
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        kind, keys, *rest = state_dict["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+        random.setstate(state_dict["python"])

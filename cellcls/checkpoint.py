@@ -28,7 +28,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         lines = str(err).splitlines()
-        why = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0][:200])
+        # "Unsupported global: GLOBAL os.system ..." or "... unsupported GLOBAL posix.system ..."
+        why = next((ln.strip() for ln in lines if "GLOBAL" in ln), lines[0][:200])
         raise CellclsError(
             f"ckpt_path '{path}' was refused: it holds more than tensors and plain values, and "
             f"loading it could run code from the file ({why})."
@@ -49,3 +50,14 @@ def saved_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
             "config to rebuild the model from)."
         )
     return config
+
+
+def load_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Load the checkpoint's weights into `model`; a model of another shape is a `CellclsError`."""
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise CellclsError(
+            f"checkpoint '{path}' does not fit the model built from its config and your "
+            f"overrides (another architecture?): {str(err).splitlines()[1:2] or err}"
+        ) from None

@@ -7,6 +7,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -22,9 +25,34 @@ def exit_on_user_error(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except CellclsError as err:
-            log.error("%s", err)
+        except Exception as err:
+            # Hydra's instantiate wraps what a constructor raises: look for ours in the chain.
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, CellclsError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            log.error("%s", cause)
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                # Hydra then marks this job failed and runs the others (see cellcls.summary).
+                raise cause from None
             # SystemExit is not an Exception, so Hydra does not wrap it in a traceback.
-            raise SystemExit(f"error: {err}") from None
+            raise SystemExit(f"error: {cause}") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def require(ok: bool, name: str, value: Any, accepted: str) -> None:
+    """Unless `ok`, raise the one-line error for setting `name`: its value and what it accepts."""
+    if not ok:
+        raise CellclsError(f"{name}={value!r} is not accepted: {name} must be {accepted}.")
+
+
+def is_whole(value: Any, minimum: int) -> bool:
+    """Whether `value` is an int (not a bool, not a string) of at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_number(value: Any) -> bool:
+    """Whether `value` is an int or a float (not a bool, not a string)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cellcls.checkpoint import load_checkpoint, saved_config
+from cellcls.checkpoint import load_checkpoint, load_weights, saved_config
 from cellcls.errors import CellclsError, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,7 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:
             f"checkpoint '{cfg.ckpt_path}' was trained on {size}x{size} images; "
             f"data.image_size={run.data.image_size} does not fit its network."
         )
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise CellclsError(
-            f"checkpoint '{cfg.ckpt_path}' does not fit the model built from its config and your "
-            f"overrides (another architecture?): {str(err).splitlines()[1:2] or err}"
-        ) from None
+    load_weights(model, ckpt, cfg.ckpt_path)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 
@@ -83,12 +84,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics(labels, probs, classes) | info
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    preds = probs.argmax(1)
-    with (out / "predictions.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "pred", *classes])
-        for path, y, p, row in zip(paths, labels, preds, probs, strict=True):
-            writer.writerow([path, classes[y], classes[p], *(f"{v:.6f}" for v in row)])
+    write_predictions(out / "predictions.csv", paths, probs, classes, labels)
     cm = np.asarray(metrics["confusion_matrix"])
     with (out / "confusion_matrix.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -97,6 +93,26 @@ def write_report(
     plot_confusion(cm, classes, out / "confusion_matrix.png")
     plot_errors(paths, labels, probs, classes, out / "errors.png")
     return metrics
+
+
+def write_predictions(
+    file: Path,
+    paths: Sequence[str],
+    probs: np.ndarray,
+    classes: Sequence[str],
+    labels: np.ndarray | None = None,
+) -> None:
+    """predictions.csv: path, [label,] predicted class and one probability column per class.
+
+    eval writes the true label too; predict, on images without one, leaves that column out.
+    """
+    preds = probs.argmax(1)
+    with file.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", *(["label"] if labels is not None else []), "pred", *classes])
+        for i, (path, p, row) in enumerate(zip(paths, preds, probs, strict=True)):
+            label = [classes[labels[i]]] if labels is not None else []
+            writer.writerow([path, *label, classes[p], *(f"{v:.6f}" for v in row)])
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> None:
@@ -173,6 +189,7 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: str | Path) -> Non
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=stage)
         ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(path, dpi=100)

@@ -3,42 +3,94 @@
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.callbacks import SaveConfig
-from cellcls.errors import CellclsError, exit_on_user_error
+from cellcls.callbacks import RngState, SaveConfig
+from cellcls.checkpoint import load_checkpoint, load_weights, saved_config
+from cellcls.errors import CellclsError, exit_on_user_error, is_whole, require
+from cellcls.eval import rebuild_config
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and test as `cfg` says; return every metric the run logged."""
+def check_settings(cfg: DictConfig) -> None:
+    """The settings train reads itself; data and model settings are checked where they are used."""
+    require(is_whole(cfg.seed, 0), "seed", cfg.seed, "an integer >= 0")
+    for key in ("max_epochs", "min_epochs"):
+        value = cfg.trainer.get(key)
+        require(
+            value is None or is_whole(value, -1),
+            f"trainer.{key}",
+            value,
+            "an integer (-1: no limit) or null",
+        )
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: `ckpt_path`, where `last` is this run folder's last.ckpt."""
+    path = cfg.get("ckpt_path")
+    if path != "last":
+        return path
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise CellclsError(
+            f"ckpt_path=last, but there is no '{last}'. Resume a run in its own folder: "
+            "python -m cellcls.train ckpt_path=last hydra.run.dir=<the run's folder>"
+        )
+    return str(last)
+
+
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
+    """Fit and test as `cfg` says; return every metric the run logged.
+
+    Resuming (`ckpt_path`), the data and model settings come from the checkpoint, with the
+    command line's `data.*` and `model.*` on top, as in `cellcls.eval`. `extra_callbacks` join
+    the config's (cellcls.search adds its pruning callback).
+    """
+    check_settings(cfg)
+    run, ckpt_path = cfg, resume_path(cfg)
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path)  # refuses files that carry code, before Lightning
+        run = rebuild_config(cfg, saved_config(ckpt, ckpt_path), HydraConfig.get().overrides.task)
     L.seed_everything(cfg.seed, workers=True)
     # Plain Python values (not OmegaConf containers) so checkpoints load with weights_only=True.
-    datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="object")
-    model: L.LightningModule = instantiate(cfg.model, _convert_="object")
+    datamodule: L.LightningDataModule = instantiate(run.data, _convert_="object")
+    model: L.LightningModule = instantiate(run.model, _convert_="object")
+    if ckpt_path:
+        load_weights(model, ckpt, ckpt_path)  # a clear message if the model does not fit
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model")}
-    callbacks.append(SaveConfig(run_config))
+    run_config = {k: OmegaConf.to_container(run[k], resolve=True) for k in ("data", "model")}
+    callbacks += [SaveConfig(run_config), RngState(), *extra_callbacks]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit as stop:  # how Lightning ends fit on Ctrl-C (code 1) and SIGTERM (none)
+        if (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file():
+            log.warning(
+                "Training was interrupted. Resume it with: python -m cellcls.train ckpt_path=last "
+                "hydra.run.dir=%s (and the same trainer settings)",
+                Path(cfg.paths.output_dir).resolve(),
+            )
+        raise SystemExit(stop.code or 128 + signal.SIGTERM) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if trainer.interrupted:
-        log.warning("Training was interrupted; skipping the test phase.")
-        return metrics
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test"):
         if not best:
             log.warning("No best checkpoint was saved; testing the current weights.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     log.info("Outputs: %s", Path(cfg.paths.output_dir).resolve())
@@ -47,10 +99,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def check_ddp_launch(cfg: DictConfig) -> None:
+    """Refuse `trainer=ddp` in a local multirun: Lightning starts the other processes by running
+    the command line again, and each would start the whole sweep. SLURM starts them itself."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if cfg.trainer.get("strategy") == "ddp" and multirun and not SLURMEnvironment.detect():
+        raise CellclsError(
+            "trainer=ddp runs as a single run (python -m cellcls.train trainer=ddp ...), not in a "
+            "local multirun (-m). Sweep DDP jobs on SLURM (hydra/launcher=slurm), or sweep "
+            "single-device jobs."
+        )
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the optimised metric for sweepers."""
+    check_ddp_launch(cfg)
     metrics = train(cfg)
     name = cfg.get("optimized_metric")
     if not name:

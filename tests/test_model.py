@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from cellcls.errors import CellclsError
 from cellcls.models import SmallCNN
 
 
@@ -26,7 +27,7 @@ def test_keras_init_zero_bias_glorot_range() -> None:
 
 
 def test_unknown_init_rejected() -> None:
-    with pytest.raises(ValueError, match="init must be"):
+    with pytest.raises(CellclsError, match="model.net.init='xavier' is not accepted"):
         SmallCNN(init="xavier")
 
 

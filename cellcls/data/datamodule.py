@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,11 +13,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from torchvision.datasets import ImageFolder
 
-from cellcls.data.cache import CachedImages, DecodeImage, cpu_count, load_images
+from cellcls.data.cache import CachedImages, DecodeImage, check_images, cpu_count, load_images
 from cellcls.data.generate import generate_dataset
-from cellcls.data.layout import check_classes, find_split_root
-from cellcls.errors import CellclsError
+from cellcls.data.layout import check_classes, find_split_root, warn_not_images
+from cellcls.errors import CellclsError, is_number, is_whole, require
 
+log = logging.getLogger(__name__)
 CACHE_MODES = ("disk", "memory", None)
 
 
@@ -67,24 +70,61 @@ class BloodCellsDataModule(L.LightningDataModule):
         std: Sequence[float] = (0.25, 0.25, 0.25),
         cache: str | None = "memory",
         cache_dir: str | Path | None = None,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        self._check_settings()
         self.root = Path(root)
         self.classes = list(classes)
         self.decode = DecodeImage(image_size)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        # Unreadable image files left out with data.skip_bad_images=true: path -> reason.
+        self.skipped: dict[str, str] = {}
+
+    def _check_settings(self) -> None:
+        """Fail on a setting of the wrong type or range now, not deep inside training."""
+        hp = self.hparams
+        classes = hp.classes
+        names_ok = not isinstance(classes, str) and all(isinstance(c, str) for c in classes)
+        require(
+            names_ok and len(set(classes)) == len(classes) >= 2,
+            "data.classes",
+            classes,
+            "a list of at least two distinct class-folder names",
+        )
+        require(is_whole(hp.image_size, 1), "data.image_size", hp.image_size, "an integer >= 1")
+        require(is_whole(hp.batch_size, 1), "data.batch_size", hp.batch_size, "an integer >= 1")
+        require(
+            is_number(hp.val_fraction) and 0 < hp.val_fraction < 1,
+            "data.val_fraction",
+            hp.val_fraction,
+            "a number between 0 and 1 (exclusive), e.g. 0.2",
+        )
+        require(
+            hp.num_workers is None or is_whole(hp.num_workers, 0),
+            "data.num_workers",
+            hp.num_workers,
+            "null (automatic) or an integer >= 0",
+        )
+        require(hp.cache in CACHE_MODES, "data.cache", hp.cache, "disk, memory or null")
+        require(
+            hp.cache != "disk" or bool(hp.cache_dir),
+            "data.cache_dir",
+            hp.cache_dir,
+            "a folder for the store when data.cache=disk",
+        )
+        require(
+            isinstance(hp.skip_bad_images, bool),
+            "data.skip_bad_images",
+            hp.skip_bad_images,
+            "true or false",
+        )
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        if not 0 < hp.val_fraction < 1:
-            raise CellclsError(f"data.val_fraction must be in (0, 1), got {hp.val_fraction}")
-        if hp.cache not in CACHE_MODES:
-            raise CellclsError(f"data.cache must be one of {CACHE_MODES}, got {hp.cache!r}")
-        if hp.cache == "disk" and not hp.cache_dir:
-            raise CellclsError("data.cache=disk needs data.cache_dir (a folder for the store)")
         fitting = stage in ("fit", "validate", None)
         testing = stage in ("test", "predict", None)
         needs_train = fitting or (testing and hp.split == HOLDOUT)
@@ -105,15 +145,56 @@ class BloodCellsDataModule(L.LightningDataModule):
                 self.val_set if hp.split == HOLDOUT else self._dataset(split_root / hp.split)
             )
 
+    def prepare_data(self) -> None:
+        """Under DDP, build the disk cache in one process: Lightning runs this on one rank per
+        machine and makes the others wait, so their `setup` reads the finished store."""
+        trainer = self.trainer
+        if self.hparams.cache == "disk" and trainer is not None and trainer.world_size > 1:
+            self.setup(trainer.state.fn)  # "fit", "test", ...: the stage about to run
+
     def _dataset(self, folder: Path) -> Dataset:
-        """One split folder, read through the decoded-image cache unless it is off."""
+        """One split folder, read through the decoded-image cache unless it is off.
+
+        Every image file is checked once, before training: building the cache decodes it, and
+        without a cache a cheaper read does. Unreadable files stop the run, or are skipped.
+        """
         files = ClassFolder(folder, self.classes, loader=self.decode)
-        if self.hparams.cache is None:
-            return files
-        cache_dir = self.hparams.cache_dir if self.hparams.cache == "disk" else None
+        warn_not_images(folder, self.classes)
         paths = [path for path, _ in files.samples]
-        images = load_images(paths, self.hparams.image_size, cache_dir, name=folder.name)
-        return CachedImages(images, files.samples, files.classes)
+        if self.hparams.cache is None:
+            bad = check_images(paths, desc=f"checking {folder.name}")
+        else:
+            cache_dir = self.hparams.cache_dir if self.hparams.cache == "disk" else None
+            images, bad = load_images(paths, self.hparams.image_size, cache_dir, name=folder.name)
+        self._skip(folder, bad)
+        rows = [i for i, path in enumerate(paths) if path not in bad]
+        samples = [files.samples[i] for i in rows]
+        for label, c in enumerate(self.classes):
+            if all(y != label for _, y in samples):
+                raise CellclsError(f"class folder '{folder / c}' holds no readable images.")
+        if self.hparams.cache is None:
+            files.samples = files.imgs = samples
+            files.targets = [label for _, label in samples]
+            return files
+        return CachedImages(images, samples, files.classes, rows)
+
+    def _skip(self, folder: Path, bad: dict[str, str]) -> None:
+        """Stop on unreadable images, or (data.skip_bad_images) record them in the run folder."""
+        if not bad:
+            return
+        listing = "\n".join(f"  {path}: {why}" for path, why in sorted(bad.items()))
+        if not self.hparams.skip_bad_images:
+            raise CellclsError(
+                f"{len(bad)} image file(s) in '{folder}' cannot be read:\n{listing}\n"
+                "Fix or remove them, or pass data.skip_bad_images=true to train without them."
+            )
+        self.skipped |= bad
+        log.warning("Skipping %d unreadable image file(s) in '%s':\n%s", len(bad), folder, listing)
+        if self.trainer is not None and self.trainer.is_global_zero:
+            out = Path(self.trainer.default_root_dir) / "skipped_images.csv"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("w", newline="") as f:
+                csv.writer(f).writerows([("path", "reason"), *sorted(self.skipped.items())])
 
     @property
     def test_paths(self) -> list[str]:
@@ -171,3 +252,4 @@ class SyntheticDataModule(BloodCellsDataModule):
         if not self.root.exists():
             hp = self.hparams
             generate_dataset(self.root, hp.n_train, hp.n_test, seed=hp.generator_seed)
+        super().prepare_data()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from cellcls.errors import CellclsError
+
+log = logging.getLogger(__name__)
 
 KAGGLE_URL = "https://www.kaggle.com/datasets/paultimothymooney/blood-cells"
 # Where the split folders sit inside Kaggle's download, relative to what the user points at.
@@ -54,3 +58,24 @@ def check_classes(split_dir: Path, classes: Sequence[str]) -> None:
                 f"class folder '{split_dir / c}' holds no images ({', '.join(IMG_EXTENSIONS)}). "
                 "Add images or remove the class from data.classes."
             )
+
+
+def warn_not_images(split_dir: Path, classes: Sequence[str]) -> None:
+    """One warning that counts the files in the class folders that are not images by extension.
+
+    They are ignored, as ImageFolder does; the warning says so, instead of silence.
+    """
+    others = [
+        f
+        for c in classes
+        for f in (split_dir / c).iterdir()
+        if f.is_file() and f.suffix.lower() not in IMG_EXTENSIONS
+    ]
+    if others:
+        kinds = Counter(f.suffix.lower() or f.name for f in others)
+        log.warning(
+            "Ignoring %d file(s) in '%s' that are not images by their extension (%s).",
+            len(others),
+            split_dir,
+            ", ".join(f"{k}: {n}" for k, n in kinds.most_common()),
+        )

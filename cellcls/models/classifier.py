@@ -55,9 +55,8 @@ class CellClassifier(L.LightningModule):
         # pass on the device; float images are taken to be in [0, 1] already.
         scale = 255.0 if x.dtype == torch.uint8 else 1.0
         x = (x.float() - self.mean * scale) / (self.std * scale)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.net(x.contiguous(memory_format=layout))
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         x, y = batch

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cellcls.errors import is_whole, require
+
 
 class SmallCNN(nn.Module):
     """Conv-ReLU-MaxPool twice, Flatten, Dense-ReLU, Dense; returns logits.
@@ -22,8 +24,13 @@ class SmallCNN(nn.Module):
         init: str = "keras",
     ) -> None:
         super().__init__()
-        if init not in ("keras", "torch"):
-            raise ValueError(f"init must be 'keras' or 'torch', got {init!r}")
+        require(init in ("keras", "torch"), "model.net.init", init, "keras or torch")
+        require(
+            is_whole(image_size, 4),
+            "data.image_size",
+            image_size,
+            "an integer >= 4 for SmallCNN (its two 2x2 max-pools)",
+        )
         feat = image_size // 4  # two 2x2 max-pools, floor as Keras' 'valid' pooling
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, padding=1),

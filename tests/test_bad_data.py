@@ -1,0 +1,160 @@
+"""Folders with broken, empty, mislabelled and odd-mode images: checked once, before training."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cellcls.data.cache import DecodeImage, load_images
+from cellcls.data.datamodule import BloodCellsDataModule
+from cellcls.errors import CellclsError
+from tests.conftest import CLASSES, FAST, run_module
+
+# File name -> the words its reason must contain.
+BAD = {
+    "empty.jpeg": "empty file (0 bytes)",
+    "truncated.jpeg": "truncated",
+    "text.jpeg": "not an image",
+}
+# Readable images in other modes and formats; each must become 3-channel RGB.
+ODD = ("gray.png", "rgba.png", "palette.png", "cmyk.jpeg", "big.jpeg", "plain.png")
+
+
+def add_files(folder: Path) -> None:
+    """Bad, odd and non-image files next to the good images of one class folder."""
+    good = sorted(folder.glob("*.jpeg"))[0]
+    data = good.read_bytes()
+    (folder / "empty.jpeg").touch()
+    (folder / "truncated.jpeg").write_bytes(data[: len(data) // 2])
+    (folder / "text.jpeg").write_text("these are my notes, not an image\n")
+    with Image.open(good) as im:
+        rgb = im.convert("RGB")
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("P").save(folder / "palette.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpeg")
+    rgb.resize((2400, 1800)).save(folder / "big.jpeg")
+    rgb.save(folder / "plain.png")
+    (folder / "notes.txt").write_text("not an image by extension\n")
+    (folder / "Thumbs.db").write_bytes(b"\0" * 10)
+
+
+@pytest.fixture
+def messy(tiny_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "messy"
+    shutil.copytree(tiny_root, root)
+    add_files(root / "TRAIN" / "MONOCYTE")
+    return root
+
+
+def make_dm(root: Path, **kw) -> BloodCellsDataModule:
+    kw = {"classes": CLASSES, "image_size": 32, "batch_size": 4, "num_workers": 0} | kw
+    return BloodCellsDataModule(root, **kw)
+
+
+@pytest.mark.parametrize("cache", [None, "memory", "disk"])
+def test_unreadable_images_stop_the_run_with_a_list(messy: Path, tmp_path: Path, cache) -> None:
+    with pytest.raises(CellclsError) as err:
+        make_dm(messy, cache=cache, cache_dir=tmp_path / "store").setup("fit")
+    msg = str(err.value)
+    assert "3 image file(s)" in msg and "data.skip_bad_images=true" in msg
+    for name, reason in BAD.items():
+        line = next(
+            ln for ln in msg.splitlines() if ln.strip().startswith(str(messy)) and name in ln
+        )
+        assert reason in line, line
+    assert not any(name in msg for name in ODD)
+
+
+@pytest.mark.parametrize("cache", [None, "disk"])
+def test_skip_bad_images(messy: Path, tmp_path: Path, cache) -> None:
+    dm = make_dm(messy, cache=cache, cache_dir=tmp_path / "store", skip_bad_images=True)
+    dm.trainer = L.Trainer(default_root_dir=tmp_path / "run", logger=False)
+    dm.setup("fit")
+    assert {Path(p).name for p in dm.skipped} == set(BAD)
+    assert len(dm.train_set) + len(dm.val_set) == 4 * 6 + len(ODD)
+    paths = [p for p, _ in dm.train_set.dataset.samples]
+    assert not set(paths) & set(dm.skipped)
+    for x, _ in dm.train_dataloader():
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.uint8
+    rows = list(csv.DictReader((tmp_path / "run" / "skipped_images.csv").open()))
+    assert {Path(r["path"]).name: r["reason"] for r in rows}.keys() == set(BAD)
+
+
+def test_odd_modes_become_rgb(messy: Path) -> None:
+    folder = messy / "TRAIN" / "MONOCYTE"
+    with Image.open(folder / "plain.png") as im:
+        expected = np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    for name in ODD:
+        x = DecodeImage(32)(str(folder / name))
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8, name
+    gray = DecodeImage(32)(str(folder / "gray.png"))
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    rgba = DecodeImage(32)(str(folder / "rgba.png")).permute(1, 2, 0).numpy()
+    assert np.array_equal(rgba, expected)  # the alpha channel is dropped, the colours kept
+
+
+def test_non_images_by_extension_are_counted_once(messy: Path, caplog) -> None:
+    dm = make_dm(messy, cache=None, skip_bad_images=True)
+    with caplog.at_level(logging.WARNING):
+        dm.setup("fit")
+    ignored = [
+        r.getMessage() for r in caplog.records if "not images by their extension" in r.message
+    ]
+    assert len(ignored) == 1 and "Ignoring 2 file(s)" in ignored[0]
+    assert ".txt: 1" in ignored[0] and ".db: 1" in ignored[0]
+
+
+def test_bad_file_in_cache_is_remembered_not_left_half_written(messy: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    paths = sorted(str(p) for p in (messy / "TRAIN" / "MONOCYTE").glob("*.jpeg"))
+    images, bad = load_images(paths, 24, store)
+    assert {Path(p).name for p in bad} == set(BAD)
+    assert all(images[paths.index(p)].sum() == 0 for p in bad)
+    (npy,) = store.glob("*.npy")
+    assert not list(store.glob("*.tmp*"))
+    built = npy.stat().st_mtime_ns
+    again, bad_again = load_images(paths, 24, store)  # no decoding: the store knows its bad files
+    assert bad_again == bad and npy.stat().st_mtime_ns == built and torch.equal(again, images)
+
+
+def test_skipping_reuses_the_store_the_failed_run_built(messy: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with pytest.raises(CellclsError):
+        make_dm(messy, cache="disk", cache_dir=store).setup("fit")
+    (npy,) = store.glob("TRAIN-*.npy")
+    built = npy.stat().st_mtime_ns
+    make_dm(messy, cache="disk", cache_dir=store, skip_bad_images=True).setup("fit")
+    assert list(store.glob("TRAIN-*.npy")) == [npy] and npy.stat().st_mtime_ns == built
+    assert not list(store.glob("*.tmp*"))
+
+
+def test_class_left_without_images_is_an_error(tiny_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    for f in (root / "TRAIN" / "EOSINOPHIL").iterdir():
+        f.write_bytes(b"")
+    with pytest.raises(CellclsError, match="holds no readable images"):
+        make_dm(root, cache=None, skip_bad_images=True).setup("fit")
+
+
+def test_training_stops_before_fitting_on_a_bad_image(
+    tiny_root: Path, tmp_path: Path, synthetic_cache: Path
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    (root / "TRAIN" / "LYMPHOCYTE" / "broken.jpeg").write_text("nope")
+    args = [a for a in FAST if not a.startswith("data=")]
+    args += [f"data.root={root}", "hydra.run.dir=outputs/run"]
+    result = run_module("cellcls.train", args, tmp_path, synthetic_cache)
+    assert result.returncode != 0
+    assert "broken.jpeg: not an image" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs" / "run" / "checkpoints").exists()

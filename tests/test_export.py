@@ -1,0 +1,39 @@
+"""`python -m cellcls.export`: safetensors weights plus the config that rebuilds the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cellcls.checkpoint import load_checkpoint
+from cellcls.export import load_exported
+from tests.conftest import CLASSES, run_module
+
+
+def test_export_and_reload(trained_run, tmp_path: Path, synthetic_cache: Path) -> None:
+    run, _ = trained_run
+    (ckpt_path,) = (run / "checkpoints").glob("epoch_*.ckpt")
+    out = tmp_path / "export"
+    args = [f"ckpt_path={ckpt_path}", f"hydra.run.dir={out}"]
+    result = run_module("cellcls.export", args, tmp_path, synthetic_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"model.safetensors", "config.yaml"} <= {p.name for p in out.iterdir()}
+
+    state = load_checkpoint(ckpt_path)["state_dict"]
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(state)
+    model = load_exported(out).eval()
+    assert model.classes == CLASSES
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    x = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert model(x).shape == (2, len(CLASSES))
+
+
+def test_export_needs_a_checkpoint(tmp_path: Path, synthetic_cache: Path) -> None:
+    result = run_module("cellcls.export", [], tmp_path, synthetic_cache)
+    assert result.returncode != 0 and "ckpt_path is required" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,104 @@
+"""`python -m cellcls.predict` on a folder of new images, bad files included."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import CLASSES, run_module
+
+
+class RunsCode:
+    """What a tampered checkpoint carries: unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def best_checkpoint(run: Path) -> Path:
+    (best,) = (run / "checkpoints").glob("epoch_*.ckpt")
+    return best
+
+
+@pytest.fixture
+def tampered(trained_run, tmp_path: Path) -> tuple[Path, Path]:
+    """A real checkpoint with a pickled callable added, and the file its code would create."""
+    ckpt = torch.load(best_checkpoint(trained_run[0]), weights_only=True)
+    marker = tmp_path / "pwned"
+    ckpt["extra"] = RunsCode(marker)
+    torch.save(ckpt, tmp_path / "tampered.ckpt")
+    return tmp_path / "tampered.ckpt", marker
+
+
+def predict(cwd: Path, cache: Path, *args: str):
+    out = cwd / "predict"
+    result = run_module("cellcls.predict", [*args, f"hydra.run.dir={out}"], cwd, cache)
+    return out, result
+
+
+def test_predict_a_folder_with_a_bad_file(trained_run, tmp_path, synthetic_cache) -> None:
+    run, _ = trained_run
+    evaluated = {r["path"]: r for r in csv.DictReader((run / "predictions.csv").open())}
+    inputs = tmp_path / "new"
+    (inputs / "nested").mkdir(parents=True)
+    copied = {}
+    for k, path in enumerate(sorted(evaluated)[:12]):
+        target = inputs / ("nested" if k % 2 else "") / f"{k}{Path(path).suffix}"
+        shutil.copy(path, target)
+        copied[str(target)] = evaluated[path]
+    with Image.open(next(iter(copied))) as im:
+        im.convert("L").save(inputs / "gray.png")
+    (inputs / "broken.jpg").write_text("not an image")
+    (inputs / "empty.png").touch()
+    (inputs / "notes.txt").write_text("ignored")
+
+    out, result = predict(
+        tmp_path, synthetic_cache, f"ckpt_path={best_checkpoint(run)}", f"inputs={inputs}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert list(rows[0]) == ["path", "pred", *CLASSES]  # eval's layout, without the label
+    assert {r["path"] for r in rows} == {*copied, str(inputs / "gray.png")}
+    for r in rows:
+        assert sum(float(r[c]) for c in CLASSES) == pytest.approx(1.0, abs=1e-4)
+        assert max(CLASSES, key=lambda c: float(r[c])) == r["pred"]
+    agree = [r["pred"] == copied[r["path"]]["pred"] for r in rows if r["path"] in copied]
+    assert sum(agree) >= len(agree) - 1  # eval ran in the trainer's precision, predict in fp32
+    bad = {
+        Path(r["path"]).name: r["reason"] for r in csv.DictReader((out / "unreadable.csv").open())
+    }
+    assert bad == {
+        "broken.jpg": "not an image (no known image format)",
+        "empty.png": "empty file (0 bytes)",
+    }
+    assert "2 file(s) could not be read" in result.stdout
+
+    one = inputs / "nested" / "1.jpeg"
+    out, result = predict(
+        tmp_path, synthetic_cache, f"ckpt_path={best_checkpoint(run)}", f"inputs={one}"
+    )
+    assert (
+        result.returncode == 0 and len(list(csv.DictReader((out / "predictions.csv").open()))) == 1
+    )
+
+
+def test_tampered_checkpoint_is_refused(tampered, tmp_path, synthetic_cache) -> None:
+    ckpt, marker = tampered
+    for module, args in (
+        ("cellcls.predict", [f"inputs={tmp_path}"]),
+        ("cellcls.train", ["data=synthetic", "hydra.run.dir=resumed"]),
+    ):
+        result = run_module(module, [f"ckpt_path={ckpt}", *args], tmp_path, synthetic_cache)
+        assert result.returncode != 0, module
+        assert f"ckpt_path '{ckpt}' was refused" in result.stderr, result.stderr[-2000:]
+        assert "posix.system" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()

@@ -1,0 +1,82 @@
+"""A run stopped by SIGTERM mid-epoch resumes in its own folder and ends as planned."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cellcls.callbacks import RngState
+from tests.conftest import FAST, run_module
+
+# A callback that sends this very process a real SIGTERM in the middle of an epoch.
+KILLER = """
+import os, signal
+import lightning as L
+
+class SigtermAt(L.Callback):
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+# 40 images per class: 128 for training after the 20% split, 8 batches of 16 per epoch.
+RUN = [*FAST, "data.n_train=40", "data.n_test=5", "trainer.max_epochs=3", "hydra.run.dir=run"]
+
+
+def logged(metrics: Path) -> list[dict[str, str]]:
+    """The rows of a metrics.csv, without their empty cells (columns may be added later)."""
+    return [{k: v for k, v in r.items() if v} for r in csv.DictReader(metrics.open())]
+
+
+def epochs_logged(metrics: Path) -> list[int]:
+    return [int(r["epoch"]) for r in logged(metrics) if "val/acc" in r]
+
+
+def test_sigterm_mid_epoch_then_resume(tmp_path: Path, synthetic_cache: Path) -> None:
+    (tmp_path / "killer.py").write_text(KILLER)
+    kill = ["+callbacks.kill._target_=killer.SigtermAt", "+callbacks.kill.epoch=1"]
+    stopped = run_module(
+        "cellcls.train", [*RUN, *kill, "+callbacks.kill.batch=2"], tmp_path, synthetic_cache
+    )
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "Resume it with: python -m cellcls.train ckpt_path=last" in stopped.stdout
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    # Only tensors and plain values: nothing needs allowing for weights_only loading.
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(last) == []
+    ckpt = torch.load(last, weights_only=True)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (1, 8 + 3)  # saved where it stopped
+    metrics = tmp_path / "run" / "csv" / "metrics.csv"
+    assert epochs_logged(metrics) == [0]
+    before = logged(metrics)
+
+    # Data and model settings come from the checkpoint; only the trainer's are repeated.
+    resume = ["ckpt_path=last", "hydra.run.dir=run", "trainer.max_epochs=3", *FAST[2:]]
+    resumed = run_module("cellcls.train", resume, tmp_path, synthetic_cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 3 * 8  # no batch lost or doubled
+    assert epochs_logged(metrics) == [0, 1, 2]
+    after = logged(metrics)
+    assert after[: len(before)] == before  # the interrupted run's rows, then the resumed run's
+    assert any("test/acc" in r for r in after)
+
+
+def test_ckpt_path_last_needs_the_run_folder(tmp_path: Path, synthetic_cache: Path) -> None:
+    result = run_module("cellcls.train", [*FAST, "ckpt_path=last"], tmp_path, synthetic_cache)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "hydra.run.dir=<the run's folder>" in result.stderr
+
+
+def test_rng_state_round_trip(tmp_path: Path) -> None:
+    torch.save(RngState().state_dict(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()
+    RngState().load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2]
