@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cellcls.callbacks import RngState, SaveConfig
 from cellcls.checkpoint import load_checkpoint, load_weights, saved_config
-from cellcls.errors import CellclsError, exit_on_user_error, is_whole, require
+from cellcls.errors import CellclsError, exit_on_user_error, is_number, is_whole, require
 from cellcls.eval import rebuild_config
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,11 @@ def check_settings(cfg: DictConfig) -> None:
             value,
             "an integer (-1: no limit) or null",
         )
+    optimizer = cfg.model.get("optimizer") or {}
+    for key, low in (("lr", "> 0"), ("weight_decay", ">= 0")):
+        value = optimizer.get(key)
+        ok = is_number(value) and (value > 0 if key == "lr" else value >= 0)
+        require(value is None or ok, f"model.optimizer.{key}", value, f"a number {low}")
 
 
 def resume_path(cfg: DictConfig) -> str | None:

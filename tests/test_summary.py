@@ -75,7 +75,7 @@ def test_multirun_summary_with_failing_jobs(tmp_path: Path, synthetic_cache: Pat
     assert float(best["seconds"]) > 0 and best["test/acc"] and best["val/acc_best"]
     assert [r["status"] for r in failed] == ["failed"] * 3
     errors = {(r["data.val_fraction"], r["model.optimizer.lr"]): r["error"] for r in failed}
-    assert "Invalid learning rate" in errors[("0.5", "-1")]
+    assert "model.optimizer.lr=-1 is not accepted" in errors[("0.5", "-1")]
     assert "data.val_fraction" in errors[("1.5", "0.001")]
     # Every job ran although some failed; Hydra then reports the failure in the exit status.
     assert result.returncode != 0
