@@ -1,4 +1,4 @@
-"""Reading checkpoints safely: tensors and plain values only, never code from the file."""
+"""Reading checkpoints safely (tensors and plain values only) and the config they were made with."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cellcls.errors import CellclsError
 
@@ -61,3 +62,25 @@ def load_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str | Path)
             f"checkpoint '{path}' does not fit the model built from its config and your "
             f"overrides (another architecture?): {str(err).splitlines()[1:2] or err}"
         ) from None
+
+
+def rebuild_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
+    """The checkpoint's data and model config, with the command line's `data.*`/`model.*` on top.
+
+    A group choice (`data=synthetic`) replaces the saved group; `data.split` always comes from
+    `cfg`, so eval scores the official TEST folder unless told otherwise.
+    """
+    out = OmegaConf.create({"data": saved["data"], "model": saved["model"]})
+    keys = {"data.split"}
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in ("data", "model"):
+            out[key] = OmegaConf.to_container(cfg[key], resolve=True)
+        elif key.startswith(("data.", "model.")):
+            keys.add(key)
+    for key in sorted(keys):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        OmegaConf.update(out, key, value, merge=False)
+    return out

@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from cellcls.checkpoint import load_checkpoint, load_weights, saved_config
+from cellcls.checkpoint import load_checkpoint, load_weights, rebuild_config, saved_config
 from cellcls.errors import CellclsError, exit_on_user_error
 
 log = logging.getLogger(__name__)
-
-
-def rebuild_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
-    """The checkpoint's data and model config, with the command line's `data.*`/`model.*` on top.
-
-    A group choice (`data=synthetic`) replaces the saved group; `data.split` always comes from
-    `cfg`, so eval scores the official TEST folder unless told otherwise.
-    """
-    out = OmegaConf.create({"data": saved["data"], "model": saved["model"]})
-    keys = {"data.split"}
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in ("data", "model"):
-            out[key] = OmegaConf.to_container(cfg[key], resolve=True)
-        elif key.startswith(("data.", "model.")):
-            keys.add(key)
-    for key in sorted(keys):
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, DictConfig | ListConfig):
-            value = OmegaConf.to_container(value, resolve=True)
-        OmegaConf.update(out, key, value, merge=False)
-    return out
 
 
 def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:

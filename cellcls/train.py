@@ -16,9 +16,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from cellcls.callbacks import RngState, SaveConfig
-from cellcls.checkpoint import load_checkpoint, load_weights, saved_config
+from cellcls.checkpoint import load_checkpoint, load_weights, rebuild_config, saved_config
 from cellcls.errors import CellclsError, exit_on_user_error, is_number, is_whole, require
-from cellcls.eval import rebuild_config
 
 log = logging.getLogger(__name__)
 
