@@ -4,11 +4,17 @@ Tests and offline demos need images in the real folder layout without the real
 data, so this draws a field of red blood cells plus one stained white cell whose
 nucleus and granules follow its class. Cues are real but deliberately noisy
 (overlapping sizes, jittered stains, blur, noise) so a small CNN has to learn.
+
+Like Kaggle's set, images are copies of fewer source cells: each drawn field is saved once as
+it is and then as augmented copies (rotation, shift, shear, flips, black fill, brightness), so a
+random split puts one cell on both sides. `sources.csv` records every image's source cell and
+where its white cell is, so tests of grouping and cropping know the answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import shutil
@@ -34,6 +40,9 @@ WBC_RADIUS: dict[str, tuple[float, float]] = {  # overlapping on purpose
 }
 RBC_RADIUS = (20.0, 27.0)
 RBC_COUNT = (10, 28)
+RBC_SPOTS = 4  # small darker or paler spots per red cell
+PLATELETS = (2, 8)  # small purple fragments: texture for matching, and decoys for cropping
+MOTTLE = 6.0  # amplitude of the smear's low-frequency unevenness, 0-255 scale
 STAIN_JITTER = 15.0  # +- per channel on nucleus / cytoplasm / granule colours
 COLOR_GAIN = (0.95, 1.05)  # per-channel multiplicative colour cast of the whole image
 BRIGHTNESS = (-10.0, 10.0)  # additive brightness offset
@@ -41,6 +50,10 @@ BLUR_RADIUS = (0.5, 1.5)  # Gaussian blur radius in pixels
 NOISE_STD = (2.0, 7.0)  # additive (uniform) pixel noise std, 0-255 scale
 WBC_CENTER = (0.35, 0.65)  # WBC centre range, as a fraction of width / height
 JPEG_QUALITY = 90
+# Augmented copies, as Keras' ImageDataGenerator made Kaggle's: rotation in degrees, shift as a
+# fraction of width/height, shear angle in radians, brightness gain; flips and black fill.
+ROTATION, SHIFT, SHEAR, GAIN = 20.0, 0.1, 0.2, (0.93, 1.07)
+SOURCES_CSV = "sources.csv"
 CYTOPLASM: dict[str, Color] = {  # base colours before STAIN_JITTER
     "EOSINOPHIL": (220, 160, 170),
     "LYMPHOCYTE": (150, 165, 220),
@@ -79,11 +92,39 @@ def _draw_rbcs(img: Image.Image, rng: np.random.Generator, s: float) -> None:
     rxs, rys = r * rng.uniform(0.88, 1.0, n), r * rng.uniform(0.88, 1.0, n)
     bodies = np.asarray(_jitter(rng, (205, 150, 155), 10)) + rng.uniform(-8, 8, (n, 3))
     ks = rng.uniform(0.3, 0.5, n)
-    for x, y, rx, ry, body, k in zip(xs, ys, rxs, rys, bodies, ks, strict=True):
+    # a few small spots per cell, as real red cells show: every field gets its own texture
+    spots = rng.uniform(-0.75, 0.75, (n, RBC_SPOTS, 2))
+    shades = rng.choice([-40, 30], (n, RBC_SPOTS))
+    for x, y, rx, ry, body, k, xy, shade in zip(
+        xs, ys, rxs, rys, bodies, ks, spots, shades, strict=True
+    ):
         rim, fill, pale = (tuple(int(v) for v in np.clip(body + d, 0, 255)) for d in (-25, 0, 25))
         _disc(draw, x, y, rx, ry, (*rim, 200))
         _disc(draw, x, y, rx - 2.5 * s, ry - 2.5 * s, (*fill, 200))
         _disc(draw, x, y, rx * k, ry * k, (*pale, 170))
+        for (dx, dy), d in zip(xy, shade, strict=True):
+            spot = tuple(int(v) for v in np.clip(body + d, 0, 255))
+            _disc(draw, x + dx * rx, y + dy * ry, 1.8 * s, 1.8 * s, (*spot, 160))
+
+
+def _draw_field_texture(img: Image.Image, rng: np.random.Generator, s: float) -> Image.Image:
+    """An uneven smear (low-frequency brightness) and platelets: the texture by which copies of
+    one field are recognised, as in real smears, where the white cell is one object of many."""
+    w, h = img.size
+    coarse = rng.normal(0, MOTTLE, (h // 16 + 2, w // 16 + 2)) + 128
+    mottle = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize(
+        (w, h), Image.Resampling.BICUBIC
+    )
+    img = ImageChops.add(img, mottle.convert("RGB"), offset=-128)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(*PLATELETS, endpoint=True))):
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        colour = _jitter(rng, (150, 100, 190), 20)
+        for dx, dy, r in zip(
+            *rng.normal(0, 2.5 * s, (2, 3)), rng.uniform(1.5, 3.5, 3) * s, strict=True
+        ):
+            _disc(draw, x + dx, y + dy, r, r * rng.uniform(0.6, 1.0), colour)
+    return img
 
 
 def _nucleus_mask(label: str, size: int, r: float, rng: np.random.Generator) -> Image.Image:
@@ -150,19 +191,24 @@ def _draw_wbc(label: str, rng: np.random.Generator, s: float) -> Image.Image:
 
 def render_cell(
     label: str, rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE
-) -> Image.Image:
-    """One RGB image of class `label`: RBC field, one WBC, then blur, colour cast and noise."""
+) -> tuple[Image.Image, tuple[float, float, float]]:
+    """One RGB image of class `label`: RBC field, one WBC, then blur, colour cast and noise.
+
+    Returns the image and its white cell's centre and radius in pixels.
+    """
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
     w, h = size
     s = h / IMAGE_SIZE[1]
     img = Image.new("RGB", size, _jitter(rng, (224, 218, 214), 6))
     _draw_rbcs(img, rng, s)
+    img = _draw_field_texture(img, rng, s)
     wbc = _draw_wbc(label, rng, s)
     pw = wbc.size[0]
     x = int(rng.uniform(*WBC_CENTER) * w) - pw // 2
     y = int(rng.uniform(*WBC_CENTER) * h) - pw // 2
     img.paste(wbc, (x, y), wbc)
+    cell = (x + pw / 2, y + pw / 2, (pw - 6) / 2)
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(*BLUR_RADIUS)))
     # colour cast + brightness as a per-channel lookup table (cheaper than numpy broadcasting)
     lut = np.arange(256)[None, :] * rng.uniform(*COLOR_GAIN, (3, 1)) + rng.uniform(*BRIGHTNESS)
@@ -171,7 +217,34 @@ def render_cell(
     noise = rng.random((h, w, 3), dtype=np.float32) - np.float32(0.5)
     noise *= np.float32(rng.uniform(*NOISE_STD) * math.sqrt(12))
     noise += np.asarray(img, dtype=np.float32)
-    return Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8), "RGB"), cell
+
+
+def augment(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """A random affine copy of `img` with black fill; returns it and its 2x3 forward map."""
+    w, h = img.size
+    theta = math.radians(rng.uniform(-ROTATION, ROTATION))
+    shear = rng.uniform(-SHEAR, SHEAR)
+    fx, fy = rng.choice([-1.0, 1.0], 2)
+    tx, ty = rng.uniform(-SHIFT, SHIFT) * w, rng.uniform(-SHIFT, SHIFT) * h
+    cos, sin = math.cos(theta), math.sin(theta)
+    # about the centre: flip, then shear, then rotate, then shift
+    linear = np.array([[cos, -sin], [sin, cos]]) @ np.array(
+        [[1, -math.sin(shear)], [0, math.cos(shear)]]
+    )
+    linear = linear @ np.diag([fx, fy])
+    centre = np.array([w / 2, h / 2])
+    forward = np.hstack([linear, (centre + (tx, ty) - linear @ centre)[:, None]])
+    inverse = np.linalg.inv(np.vstack([forward, [0, 0, 1]]))[:2]  # PIL maps output -> input
+    out = img.transform(
+        img.size,
+        Image.Transform.AFFINE,
+        inverse.ravel().tolist(),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=(0, 0, 0),
+    )
+    gain = rng.uniform(*GAIN)
+    return out.point(lambda v: min(255, int(v * gain))), forward
 
 
 def generate_dataset(
@@ -181,33 +254,51 @@ def generate_dataset(
     seed: int = 0,
     size: tuple[int, int] = IMAGE_SIZE,
     progress: bool = True,
+    copies: int = 1,
 ) -> Path:
     """Write n_train and n_test images PER CLASS under root/TRAIN and root/TEST; return root.
 
-    Each image has its own RNG keyed on (seed, split, class, index), so a file does not
+    Every `copies` images of a class are one source cell: the first as drawn, the others
+    augmented (see `augment`). `root/sources.csv` lists each image (`path` relative to root),
+    its `source` and its white cell (`wbc_x`, `wbc_y`, `wbc_r`, pixels).
+    Each source has its own RNG keyed on (seed, split, class, index), so a file does not
     depend on the split sizes. Writing goes to a temp sibling renamed at the end, so an
     interrupted run never leaves a half-written `root`; if `root` appeared meanwhile
     (a concurrent run won), that copy is kept.
     """
+    if copies < 1:
+        raise ValueError(f"copies must be at least 1, got {copies}")
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     jobs = [
-        (split, cid, i)
+        (split, cid, source, min(copies, n - source * copies))
         for split, n in (("TRAIN", n_train), ("TEST", n_test))
         for cid in range(len(CLASSES))
-        for i in range(n)
+        for source in range(math.ceil(n / copies))
     ]
+    rows = []
     try:
         for split in SPLITS:
             for label in CLASSES:
                 (tmp / split / label).mkdir(parents=True)
         bar = tqdm(jobs, desc="generating synthetic blood cells", disable=not progress)
-        for split, cid, i in bar:
-            rng = np.random.default_rng([seed, SPLITS[split], cid, i])
-            img = render_cell(CLASSES[cid], rng, size)
-            img.save(tmp / split / CLASSES[cid] / f"{i}.jpeg", "JPEG", quality=JPEG_QUALITY)
+        for split, cid, source, n_copies in bar:
+            key = [seed, SPLITS[split], cid, source]
+            img, (x, y, r) = render_cell(CLASSES[cid], np.random.default_rng(key), size)
+            folder = f"{split}/{CLASSES[cid]}"
+            for k in range(n_copies):
+                out, (cx, cy) = img, (x, y)
+                if k:
+                    out, forward = augment(img, np.random.default_rng([*key, k]))
+                    cx, cy = forward @ (x, y, 1)
+                out.save(tmp / folder / f"{source}_{k}.jpeg", "JPEG", quality=JPEG_QUALITY)
+                rows.append(
+                    (f"{folder}/{source}_{k}.jpeg", f"{folder}/{source}", *np.round((cx, cy, r), 1))
+                )
+        with (tmp / SOURCES_CSV).open("w", newline="") as f:
+            csv.writer(f).writerows([("path", "source", "wbc_x", "wbc_y", "wbc_r"), *rows])
         if not root.exists():
             try:
                 os.rename(tmp, root)
@@ -219,15 +310,22 @@ def generate_dataset(
     return root
 
 
+def read_sources(root: str | Path) -> list[dict[str, str]]:
+    """The rows of a generated dataset's sources.csv (see `generate_dataset`)."""
+    with (Path(root) / SOURCES_CSV).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """CLI: python -m cellcls.data.generate OUT [--train N] [--test N] [--seed S]."""
+    """CLI: python -m cellcls.data.generate OUT [--train N] [--test N] [--copies K] [--seed S]."""
     parser = argparse.ArgumentParser(description="Generate a synthetic blood-cell dataset.")
     parser.add_argument("out", type=Path, help="output root (gets TRAIN/ and TEST/)")
     parser.add_argument("--train", type=int, default=200, help="train images per class")
     parser.add_argument("--test", type=int, default=50, help="test images per class")
+    parser.add_argument("--copies", type=int, default=5, help="images per source cell")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(generate_dataset(args.out, args.train, args.test, args.seed))
+    print(generate_dataset(args.out, args.train, args.test, args.seed, copies=args.copies))
 
 
 if __name__ == "__main__":
