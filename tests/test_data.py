@@ -19,7 +19,7 @@ def make_dm(root: Path, **kw) -> BloodCellsDataModule:
 
 
 def test_splits_shapes_dtype_range(tiny_root: Path) -> None:
-    dm = make_dm(tiny_root, val_fraction=0.25)
+    dm = make_dm(tiny_root, val_fraction=0.25, val_split="random")
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 6, 8)
     x, y = next(iter(dm.train_dataloader()))
@@ -29,7 +29,7 @@ def test_splits_shapes_dtype_range(tiny_root: Path) -> None:
 
 
 def test_split_is_seeded_and_disjoint(tiny_root: Path) -> None:
-    a, b, c = make_dm(tiny_root, seed=1), make_dm(tiny_root, seed=1), make_dm(tiny_root, seed=2)
+    a, b, c = (make_dm(tiny_root, seed=s, val_split="random") for s in (1, 1, 2))
     for dm in (a, b, c):
         dm.setup("fit")
     assert a.val_set.indices == b.val_set.indices != c.val_set.indices
@@ -105,7 +105,7 @@ def test_bad_val_fraction(tiny_root: Path, fraction: float) -> None:
 
 
 def test_split_val_tests_on_the_holdout(tiny_root: Path) -> None:
-    dm = make_dm(tiny_root, split="val", val_fraction=0.25)
+    dm = make_dm(tiny_root, split="val", val_fraction=0.25, val_split="random")
     dm.setup()
     assert dm.test_set is dm.val_set
     samples = dm.val_set.dataset.samples

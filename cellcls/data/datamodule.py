@@ -9,17 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset, random_split
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
 from cellcls.data.cache import CachedImages, DecodeImage, check_images, cpu_count, load_images
 from cellcls.data.generate import generate_dataset
+from cellcls.data.groups import grouped_split, load_groups, random_indices, shared_groups
 from cellcls.data.layout import check_classes, find_split_root, warn_not_images
 from cellcls.errors import CellclsError, is_number, is_whole, require
 
 log = logging.getLogger(__name__)
 CACHE_MODES = ("disk", "memory", None)
+# How validation images are held out of TRAIN: whole source cells, or images at random.
+VAL_SPLITS = ("grouped", "random")
 
 
 class ClassFolder(ImageFolder):
@@ -45,6 +47,10 @@ def batch_as_is(batch: Any) -> Any:
 class BloodCellsDataModule(L.LightningDataModule):
     """TRAIN minus a seeded validation fraction for fit; the `split` folder (TEST) for test.
 
+    `val_split="grouped"` holds out whole source cells (see `cellcls.data.groups`): TRAIN holds
+    many augmented copies of each cell, so `"random"` (the tutorial's protocol) validates on
+    cells the model has trained on, and its `val/acc` is optimistic.
+
     Images are resized to `image_size` x `image_size` and decoded once into a uint8 store
     (`cache`: `disk` under `cache_dir`, `memory`, or null to decode every image in every
     epoch). Batches stay uint8 (4x less to move); the model scales them to [0, 1], as in the
@@ -61,6 +67,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         classes: Sequence[str],
         image_size: int = 200,
         val_fraction: float = 0.2,
+        val_split: str = "grouped",
         batch_size: int = 16,
         num_workers: int | None = None,
         seed: int = 42,
@@ -96,6 +103,7 @@ class BloodCellsDataModule(L.LightningDataModule):
             "a list of at least two distinct class-folder names",
         )
         require(is_whole(hp.image_size, 1), "data.image_size", hp.image_size, "an integer >= 1")
+        require(hp.val_split in VAL_SPLITS, "data.val_split", hp.val_split, "grouped or random")
         require(is_whole(hp.batch_size, 1), "data.batch_size", hp.batch_size, "an integer >= 1")
         require(
             is_number(hp.val_fraction) and 0 < hp.val_fraction < 1,
@@ -136,20 +144,64 @@ class BloodCellsDataModule(L.LightningDataModule):
             check_classes(split_root / split, self.classes)
         if needs_train and self.train_set is None:
             full = self._dataset(split_root / hp.train_split)
-            generator = torch.Generator().manual_seed(hp.seed)
-            self.train_set, self.val_set = random_split(
-                full, [1 - hp.val_fraction, hp.val_fraction], generator=generator
-            )
+            if hp.val_split == "random":
+                train, val = random_indices(len(full), hp.val_fraction, hp.seed)
+            else:
+                train, val = self._grouped_split(full.samples)
+            self.train_set, self.val_set = Subset(full, train), Subset(full, val)
         if testing and self.test_set is None:
             self.test_set = (
                 self.val_set if hp.split == HOLDOUT else self._dataset(split_root / hp.split)
             )
 
+    def image_paths(self, split: str) -> list[str]:
+        """The image files of folder `split`, class by class, as the datasets list them."""
+        folder = find_split_root(self.root, [split]) / split
+        check_classes(folder, self.classes)
+        return [path for path, _ in ClassFolder(folder, self.classes, loader=None).samples]
+
+    def source_groups(self, *splits: str) -> dict[str, int]:
+        """path -> source group of every image in the folders `splits`, grouped together (see
+        `cellcls.data.groups`); computed once and kept beside the decoded-image stores."""
+        paths = [path for split in splits for path in self.image_paths(split)]
+        groups = load_groups(paths, self.hparams.cache_dir, name="+".join(splits))
+        return dict(zip(paths, groups.tolist(), strict=True))
+
+    def _grouped_split(self, samples: Sequence[tuple[str, int]]) -> tuple[list[int], list[int]]:
+        """Train and validation indices of `samples` (TRAIN) that share no source group."""
+        hp = self.hparams
+        groups = self.source_groups(hp.train_split)
+        ids = [groups[path] for path, _ in samples]
+        train, val = grouped_split(ids, [y for _, y in samples], hp.val_fraction, hp.seed)
+        n_groups = len(set(ids))
+        if not val:
+            raise CellclsError(
+                f"data.val_split=grouped: {hp.train_split} holds only {n_groups} source group(s) "
+                "per class or too few to hold any out for validation. Add images of more "
+                "cells, or use data.val_split=random (optimistic: copies of one cell fall on "
+                "both sides)."
+            )
+        random_leak = shared_groups(ids, *random_indices(len(samples), hp.val_fraction, hp.seed))
+        log.info(
+            "Validation holds out %d of %d source groups of %s (%d of %d images); no group is on "
+            "both sides. (A random split would put %d validation images in a group with a "
+            "training image.)",
+            len({ids[i] for i in val}),
+            n_groups,
+            hp.train_split,
+            len(val),
+            len(samples),
+            random_leak,
+        )
+        return train, val
+
     def prepare_data(self) -> None:
-        """Under DDP, build the disk cache in one process: Lightning runs this on one rank per
-        machine and makes the others wait, so their `setup` reads the finished store."""
+        """Under DDP, build the disk cache and the source groups in one process: Lightning runs
+        this on one rank per machine and makes the others wait, so their `setup` reads them."""
         trainer = self.trainer
-        if self.hparams.cache == "disk" and trainer is not None and trainer.world_size > 1:
+        hp = self.hparams
+        shared = hp.cache == "disk" or (hp.val_split == "grouped" and hp.cache_dir)
+        if shared and trainer is not None and trainer.world_size > 1:
             self.setup(trainer.state.fn)  # "fit", "test", ...: the stage about to run
 
     def _dataset(self, folder: Path) -> Dataset:
@@ -236,20 +288,28 @@ class BloodCellsDataModule(L.LightningDataModule):
 
 
 class SyntheticDataModule(BloodCellsDataModule):
-    """The same pipeline on generated images, written to `root` on first use and reused after."""
+    """The same pipeline on generated images, written to `root` on first use and reused after.
+
+    `n_train` and `n_test` are images per class, `copies` images per source cell (see
+    `cellcls.data.generate`).
+    """
 
     def __init__(
         self,
         root: str | Path,
         n_train: int = 200,
         n_test: int = 50,
+        copies: int = 5,
         generator_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(root, **kwargs)
+        require(is_whole(copies, 1), "data.copies", copies, "an integer >= 1")
 
     def prepare_data(self) -> None:
         if not self.root.exists():
             hp = self.hparams
-            generate_dataset(self.root, hp.n_train, hp.n_test, seed=hp.generator_seed)
+            generate_dataset(
+                self.root, hp.n_train, hp.n_test, seed=hp.generator_seed, copies=hp.copies
+            )
         super().prepare_data()
