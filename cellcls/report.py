@@ -193,3 +193,36 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: str | Path) -> Non
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(path, dpi=100)
+
+
+def plot_groups(
+    paths: Sequence[str],
+    groups: np.ndarray,
+    classes: Sequence[str],
+    path: Path,
+    rows: int = 8,
+    per_row: int = 8,
+    seed: int = 0,
+) -> None:
+    """A few source groups, one row of thumbnails each: groups that span several class folders
+    first, then a seeded random choice of the others."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(groups)
+    mixed = [g for g in ids if len({classes[i] for i in np.flatnonzero(groups == g)}) > 1]
+    others = [g for g in rng.permutation(ids) if g not in mixed]
+    shown = (mixed + others)[:rows]
+    per_row = min(per_row, max((int(np.sum(groups == g)) for g in shown), default=1))
+    fig = Figure(figsize=(1.6 * per_row, 1.5 * max(len(shown), 1)), layout="constrained")
+    for r, g in enumerate(shown):
+        members = np.flatnonzero(groups == g)
+        picked = rng.choice(members, min(per_row, len(members)), replace=False)
+        for k, i in enumerate(sorted(picked)):
+            ax = fig.add_subplot(max(len(shown), 1), per_row, r * per_row + k + 1)
+            with Image.open(paths[i]) as im:
+                ax.imshow(im.convert("RGB"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(classes[i][:4], fontsize=7)
+            if k == 0:
+                ax.set_ylabel(f"group {g}\n{len(members)} images", fontsize=8)
+    fig.savefig(path, dpi=80)
