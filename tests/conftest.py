@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.data.generate import generate_dataset
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -71,3 +72,15 @@ def last_value(metrics_csv: Path, key: str) -> float:
     rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get(key)]
     assert rows, f"{key} not logged in {metrics_csv}"
     return float(rows[-1][key])
+
+
+def make_dm(root: Path, **kw) -> BloodCellsDataModule:
+    """A datamodule on `root` with small, fast settings; `kw` replaces any of them."""
+    kw = {"classes": CLASSES, "image_size": 32, "batch_size": 4, "num_workers": 0} | kw
+    return BloodCellsDataModule(root, **kw)
+
+
+def best_checkpoint(run: Path) -> Path:
+    """The one best checkpoint (`epoch_*.ckpt`) of a run folder."""
+    (best,) = (run / "checkpoints").glob("epoch_*.ckpt")
+    return best

@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.errors import CellclsError
-from tests.conftest import CLASSES
-
-
-def make_dm(root: Path, **kw) -> BloodCellsDataModule:
-    kw = {"classes": CLASSES, "image_size": 32, "batch_size": 4, "num_workers": 0} | kw
-    return BloodCellsDataModule(root, **kw)
+from tests.conftest import CLASSES, make_dm
 
 
 def test_splits_shapes_dtype_range(tiny_root: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CLASSES, run_module
+from tests.conftest import CLASSES, best_checkpoint, run_module
 
 
 class RunsCode:
@@ -22,11 +22,6 @@ class RunsCode:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def best_checkpoint(run: Path) -> Path:
-    (best,) = (run / "checkpoints").glob("epoch_*.ckpt")
-    return best
 
 
 @pytest.fixture
