@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.data.generate import generate_dataset
@@ -84,3 +87,15 @@ def best_checkpoint(run: Path) -> Path:
     """The one best checkpoint (`epoch_*.ckpt`) of a run folder."""
     (best,) = (run / "checkpoints").glob("epoch_*.ckpt")
     return best
+
+
+def compose_train(overrides: list[str], out_dir: Path) -> DictConfig:
+    """The train config as `python -m cellcls.train` composes it, writing into `out_dir`, for
+    calling `cellcls.train.train` in the test process."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg

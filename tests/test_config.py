@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 import cellcls  # noqa: F401  (registers the `len` resolver)
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, compose_train
 
 GROUPS = {
     group.name: sorted(p.stem for p in group.glob("*.yaml"))
@@ -20,16 +18,6 @@ GROUPS = {
     if group.is_dir() and group.name not in ("hydra", "hparams_search")
 }
 CASES = [(g, o) for g, opts in GROUPS.items() for o in opts]
-
-
-def compose_train(overrides: list[str], tmp_path: Path):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 def test_groups_found() -> None:

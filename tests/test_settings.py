@@ -8,8 +8,7 @@ import pytest
 
 from cellcls.errors import exit_on_user_error
 from cellcls.train import train
-from tests.conftest import FAST, run_module
-from tests.test_config import compose_train
+from tests.conftest import FAST, compose_train, run_module
 
 
 @pytest.mark.parametrize(
