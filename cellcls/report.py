@@ -119,6 +119,18 @@ def write_predictions(
             writer.writerow([path, *label, classes[p], *(f"{v:.6f}" for v in row)])
 
 
+def list_unreadable(bad: Mapping[str, str]) -> str:
+    """Unreadable files, one `  path: reason` line each, for the log or an error message."""
+    return "\n".join(f"  {path}: {why}" for path, why in sorted(bad.items()))
+
+
+def write_unreadable(file: Path, bad: Mapping[str, str]) -> None:
+    """A CSV of unreadable files (path, reason): skipped_images.csv and predict's unreadable.csv."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "reason"), *sorted(bad.items())])
+
+
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> None:
     """Counts and row-normalised (recall) confusion matrices side by side."""
     rows = cm.sum(1, keepdims=True)

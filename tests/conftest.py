@@ -89,11 +89,11 @@ def best_checkpoint(run: Path) -> Path:
     return best
 
 
-def compose_train(overrides: list[str], out_dir: Path) -> DictConfig:
-    """The train config as `python -m cellcls.train` composes it, writing into `out_dir`, for
-    calling `cellcls.train.train` in the test process."""
+def compose_run(overrides: list[str], out_dir: Path, config_name: str = "train") -> DictConfig:
+    """A config as `python -m cellcls.<config_name>` composes it, writing into `out_dir`, for
+    calling that entry point's function (`cellcls.train.train`, ...) in the test process."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(out_dir)
         cfg.hydra.job.num = 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cellcls.train import train
-from tests.conftest import CONF_DIR, FAST, compose_train, last_value
+from tests.conftest import CONF_DIR, FAST, compose_run, last_value
 
 OPTIONS = [
     f"{group}={p.stem}"
@@ -42,7 +42,7 @@ def report(run: Path) -> dict:
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_fast_dev_run_of_every_model_and_experiment(option: str, run_dir: Path) -> None:
-    cfg = compose_train([*TINY, option, "debug=fdr"], run_dir)
+    cfg = compose_run([*TINY, option, "debug=fdr"], run_dir)
     assert cfg.task_name == "debug" and cfg.trainer.fast_dev_run
     metrics = train(cfg)
     assert "test/acc" in metrics
@@ -55,7 +55,7 @@ def test_fast_dev_run_of_every_model_and_experiment(option: str, run_dir: Path) 
 
 def test_limit_test_batches(run_dir: Path) -> None:
     args = [*TINY, "data.batch_size=4", "trainer.max_epochs=1", "++trainer.limit_test_batches=2"]
-    train(compose_train(args, run_dir))
+    train(compose_run(args, run_dir))
     scored = report(run_dir)
     assert (scored["n_images"], scored["n_split"]) == (8, 12)
     assert last_value(run_dir / "csv" / "metrics.csv", "test/acc") == pytest.approx(
@@ -64,7 +64,7 @@ def test_limit_test_batches(run_dir: Path) -> None:
 
 
 def test_debug_limit_runs_a_few_batches(run_dir: Path) -> None:
-    cfg = compose_train([*TINY, "data.batch_size=2", "debug=limit"], run_dir)
+    cfg = compose_run([*TINY, "data.batch_size=2", "debug=limit"], run_dir)
     train(cfg)
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (2, 3 * 10)  # 3 epochs of 10 batches
@@ -74,7 +74,7 @@ def test_debug_limit_runs_a_few_batches(run_dir: Path) -> None:
 def test_debug_overfit_drives_the_loss_to_near_zero(run_dir: Path) -> None:
     # Quicker than the config's 30 epochs at 3e-4 on this shared 2-core CPU.
     quick = ["trainer.max_epochs=12", "model.optimizer.lr=1e-3", "~callbacks.training_curves"]
-    cfg = compose_train([*TINY, "data.n_train=16", "debug=overfit", *quick], run_dir)
+    cfg = compose_run([*TINY, "data.n_train=16", "debug=overfit", *quick], run_dir)
     assert cfg.trainer.overfit_batches == 3 and not cfg.test
     train(cfg)
     with (run_dir / "csv" / "metrics.csv").open() as f:
@@ -84,6 +84,6 @@ def test_debug_overfit_drives_the_loss_to_near_zero(run_dir: Path) -> None:
 
 
 def test_debug_profiler_writes_into_the_run_folder(run_dir: Path) -> None:
-    train(compose_train([*TINY, "debug=profiler"], run_dir))
+    train(compose_run([*TINY, "debug=profiler"], run_dir))
     profile = (run_dir / "fit-profile.txt").read_text()
     assert "FIT Profiler Report" in profile and "run_training_epoch" in profile

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from cellcls.data.cache import CachedImages, DecodeImage, check_images, cpu_coun
 from cellcls.data.generate import generate_dataset
 from cellcls.data.layout import check_classes, find_split_root, warn_not_images
 from cellcls.errors import CellclsError, is_number, is_whole, require
+from cellcls.report import list_unreadable, write_unreadable
 
 log = logging.getLogger(__name__)
 CACHE_MODES = ("disk", "memory", None)
@@ -182,7 +182,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         """Stop on unreadable images, or (data.skip_bad_images) record them in the run folder."""
         if not bad:
             return
-        listing = "\n".join(f"  {path}: {why}" for path, why in sorted(bad.items()))
+        listing = list_unreadable(bad)
         if not self.hparams.skip_bad_images:
             raise CellclsError(
                 f"{len(bad)} image file(s) in '{folder}' cannot be read:\n{listing}\n"
@@ -192,9 +192,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         log.warning("Skipping %d unreadable image file(s) in '%s':\n%s", len(bad), folder, listing)
         if self.trainer is not None and self.trainer.is_global_zero:
             out = Path(self.trainer.default_root_dir) / "skipped_images.csv"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("w", newline="") as f:
-                csv.writer(f).writerows([("path", "reason"), *sorted(self.skipped.items())])
+            write_unreadable(out, self.skipped)
 
     @property
     def test_paths(self) -> list[str]:
