@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from torchvision.datasets import ImageFolder
 
 from cellcls.data.cache import CachedImages, DecodeImage, check_images, cpu_count, load_images
+from cellcls.data.download import ensure_dataset
 from cellcls.data.generate import generate_dataset
 from cellcls.data.layout import check_classes, find_split_root, warn_not_images
 from cellcls.errors import CellclsError, is_number, is_whole, require
@@ -52,7 +53,8 @@ class BloodCellsDataModule(L.LightningDataModule):
     `mean` and `std` are the training images' per-channel statistics; the model normalises
     with them on its own device (see the model config), so they live with the data settings.
     `split` names the folder that test and eval score, next to `train_split`; `split="val"`
-    scores the validation part of TRAIN instead, as the tutorial does.
+    scores the validation part of TRAIN instead, as the tutorial does. With `download`, a
+    `root` without the dataset gets Kaggle's, fetched with kagglehub (`prepare_data`).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         cache: str | None = "memory",
         cache_dir: str | Path | None = None,
         skip_bad_images: bool = False,
+        download: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -122,6 +125,7 @@ class BloodCellsDataModule(L.LightningDataModule):
             hp.skip_bad_images,
             "true or false",
         )
+        require(isinstance(hp.download, bool), "data.download", hp.download, "true or false")
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -146,8 +150,11 @@ class BloodCellsDataModule(L.LightningDataModule):
             )
 
     def prepare_data(self) -> None:
-        """Under DDP, build the disk cache in one process: Lightning runs this on one rank per
-        machine and makes the others wait, so their `setup` reads the finished store."""
+        """With `download`, fetch the dataset if `root` lacks it. Under DDP, build the disk
+        cache in one process: Lightning runs this on one rank per machine and makes the others
+        wait, so their `setup` reads the finished store."""
+        if self.hparams.download:
+            ensure_dataset(self.root, [self.hparams.train_split])
         trainer = self.trainer
         if self.hparams.cache == "disk" and trainer is not None and trainer.world_size > 1:
             self.setup(trainer.state.fn)  # "fit", "test", ...: the stage about to run
