@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cellcls.errors import CellclsError
-from tests.conftest import CLASSES, make_dm
+from tests.conftest import CLASSES, CONF_DIR, make_dm
 
 
 def test_splits_shapes_dtype_range(tiny_root: Path) -> None:
@@ -20,6 +20,12 @@ def test_splits_shapes_dtype_range(tiny_root: Path) -> None:
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.uint8  # 4x smaller to move around
     assert x.max() > 128  # full 0-255 range; the model scales to [0, 1] on the device
     assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(4))
+
+
+def test_readme_says_what_the_datamodule_yields() -> None:
+    readme = (CONF_DIR.parent / "README.md").read_text()
+    assert "The datamodule yields uint8 images (0-255)" in readme  # as the test above checks
+    assert "yields images in [0, 1]" not in readme
 
 
 def test_split_is_seeded_and_disjoint(tiny_root: Path) -> None:
