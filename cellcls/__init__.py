@@ -1,9 +1,14 @@
 """cellcls: white-blood-cell image classifiers with PyTorch Lightning and Hydra."""
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
-# Configs derive numbers from lists (`${len:${data.classes}}`) instead of repeating them.
-OmegaConf.register_new_resolver("len", len, replace=True)
+__version__ = "0.1.0"
+
+# The configs (conf/ beside the package), as an absolute path: `@hydra.main` finds them this way
+# whether it runs as `python -m cellcls.train` or as the `cellcls-train` console script.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _auto_precision(accelerator: str) -> str:
@@ -12,7 +17,17 @@ def _auto_precision(accelerator: str) -> str:
     return auto_precision(accelerator)
 
 
-# `precision: ${auto_precision:${trainer.accelerator}}` picks bf16/16-mixed or 32-true.
-OmegaConf.register_new_resolver("auto_precision", _auto_precision, replace=True)
+def register_resolvers() -> None:
+    """The resolvers cellcls's configs use.
 
-__version__ = "0.1.0"
+    `${len:${data.classes}}` derives numbers from lists instead of repeating them;
+    `${auto_precision:${trainer.accelerator}}` picks bf16/16-mixed or 32-true. Importing cellcls
+    registers them, and so does Hydra itself when it starts: it imports every module under
+    `hydra_plugins/`, cellcls's `hydra_plugins/cellcls_resolvers.py` included. So configs composed
+    with Hydra's Compose API resolve without importing cellcls first.
+    """
+    OmegaConf.register_new_resolver("len", len, replace=True)
+    OmegaConf.register_new_resolver("auto_precision", _auto_precision, replace=True)
+
+
+register_resolvers()

@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
+from cellcls import CONFIG_DIR
 from cellcls.callbacks import EpochSpeed
+from cellcls.config_tree import print_config_tree
 from cellcls.data.cache import CachedImages, cpu_count
 from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.errors import CellclsError, exit_on_user_error
@@ -193,9 +195,10 @@ def format_results(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    print_config_tree(cfg, cfg.paths.output_dir)
     results = bench(cfg)
     print(format_results(results))
     print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in results.items()}))

@@ -91,6 +91,11 @@ class TestReport(L.Callback):
     DistributedSampler gives rank r images r, r + W, r + 2W, ... of the W processes, the last ones
     repeated from the start to even the shares: they are gathered, put back in order and the
     repeats dropped, so the report covers each image once.
+
+    The test loader is not shuffled, so a test limited to a few batches (`fast_dev_run`,
+    `limit_test_batches`) scores the split's first images, on one process or interleaved over
+    several: the report covers exactly those, and says how many of the split they are
+    (`n_images` of `n_split` in metrics.json, and a warning).
     """
 
     def __init__(self, out_dir: str | Path, checkpoint: str | None = None) -> None:
@@ -124,12 +129,22 @@ class TestReport(L.Callback):
             return
         dm = trainer.datamodule
         paths = dm.test_paths
+        n = min(len(labels), len(paths))  # more than the split: DDP's repeats; fewer: limited
+        if n < len(paths):
+            log.warning(
+                "Testing was limited (fast_dev_run or limit_test_batches): the test report covers "
+                "the first %d of the %d images of %s, and its figures are not the split's.",
+                n,
+                len(paths),
+                dm.hparams.split,
+            )
         metrics = write_report(
             self.out_dir,
-            paths,
-            labels[: len(paths)].numpy(),
-            probs[: len(paths)].numpy(),
+            paths[:n],
+            labels[:n].numpy(),
+            probs[:n].numpy(),
             pl_module.classes,
+            n_split=len(paths),
             split=dm.hparams.split,
             root=str(dm.root),
             checkpoint=str(self.checkpoint or trainer.ckpt_path or ""),

@@ -1,13 +1,20 @@
-"""Reading checkpoints safely (tensors and plain values only) and the config they were made with."""
+"""Reading checkpoints safely (tensors and plain values only) and rebuilding their model.
+
+`restore` is the one way the entry points read a checkpoint; the functions above it are its steps.
+"""
 
 from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cellcls.errors import CellclsError
@@ -84,3 +91,49 @@ def rebuild_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str])
             value = OmegaConf.to_container(value, resolve=True)
         OmegaConf.update(out, key, value, merge=False)
     return out
+
+
+@dataclass
+class Restored:
+    """A model rebuilt from a checkpoint with its weights loaded, and what it was rebuilt from."""
+
+    model: L.LightningModule
+    # The data and model config: the checkpoint's, with the command line's on top.
+    config: DictConfig
+    checkpoint: dict[str, Any]
+    datamodule: L.LightningDataModule | None = None
+
+
+def restore(
+    path: str | Path,
+    cfg: DictConfig | None = None,
+    overrides: Sequence[str] = (),
+    data: bool = True,
+) -> Restored:
+    """Rebuild the model (and with `data`, the datamodule) that a cellcls checkpoint was trained
+    with, and load its weights: how train (resuming), eval, predict and export read checkpoints.
+
+    With `cfg`, the command line's `data.*`/`model.*` settings (`overrides`) go on top of the
+    saved ones (see `rebuild_config`); without it the saved config is used as it is. Every
+    problem is a `CellclsError` that names the checkpoint: a file that is missing, not a
+    checkpoint, or carries code, and settings the saved weights do not fit.
+    """
+    ckpt = load_checkpoint(path)
+    saved = saved_config(ckpt, path)
+    config = OmegaConf.create(saved) if cfg is None else rebuild_config(cfg, saved, overrides)
+    # Plain Python values (not OmegaConf containers) so checkpoints load with weights_only=True.
+    datamodule = instantiate(config.data, _convert_="object") if data else None
+    model: L.LightningModule = instantiate(config.model, _convert_="object")
+    if list(model.classes) != list(config.data.classes):
+        raise CellclsError(
+            f"checkpoint '{path}' was trained for classes {list(model.classes)}, "
+            f"but data.classes is {list(config.data.classes)}."
+        )
+    size = OmegaConf.select(config, "model.net.image_size")
+    if size is not None and size != config.data.image_size:
+        raise CellclsError(
+            f"checkpoint '{path}' was trained on {size}x{size} images; "
+            f"data.image_size={config.data.image_size} does not fit its network."
+        )
+    load_weights(model, ckpt, path)
+    return Restored(model, config, ckpt, datamodule)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,6 +47,13 @@ def require(ok: bool, name: str, value: Any, accepted: str) -> None:
     """Unless `ok`, raise the one-line error for setting `name`: its value and what it accepts."""
     if not ok:
         raise CellclsError(f"{name}={value!r} is not accepted: {name} must be {accepted}.")
+
+
+def require_given(cfg: DictConfig, keys: Sequence[str], usage: str) -> None:
+    """Refuse a run that lacks a required setting (`???` in its config), with `usage`."""
+    for key in keys:
+        if OmegaConf.is_missing(cfg, key):
+            raise CellclsError(f"{key} is required: {usage}")
 
 
 def is_whole(value: Any, minimum: int) -> bool:

@@ -3,52 +3,39 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cellcls.checkpoint import load_checkpoint, load_weights, rebuild_config, saved_config
-from cellcls.errors import CellclsError, exit_on_user_error
+from cellcls import CONFIG_DIR
+from cellcls.checkpoint import restore
+from cellcls.config_tree import print_config_tree
+from cellcls.errors import exit_on_user_error, require_given
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:
+def evaluate(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, float]:
     """Rebuild the checkpoint's model and data, test it, and return the test metrics."""
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise CellclsError("ckpt_path is required: python -m cellcls.eval ckpt_path=PATH")
+    require_given(cfg, ["ckpt_path"], "python -m cellcls.eval ckpt_path=PATH")
     L.seed_everything(cfg.seed, workers=True)
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    run = rebuild_config(cfg, saved_config(ckpt, cfg.ckpt_path), overrides)
-    datamodule: L.LightningDataModule = instantiate(run.data, _convert_="object")
-    model: L.LightningModule = instantiate(run.model, _convert_="object")
-    if list(model.classes) != list(datamodule.classes):
-        raise CellclsError(
-            f"checkpoint '{cfg.ckpt_path}' was trained for classes {list(model.classes)}, "
-            f"but data.classes is {list(datamodule.classes)}."
-        )
-    size = OmegaConf.select(run, "model.net.image_size")
-    if size is not None and size != run.data.image_size:
-        raise CellclsError(
-            f"checkpoint '{cfg.ckpt_path}' was trained on {size}x{size} images; "
-            f"data.image_size={run.data.image_size} does not fit its network."
-        )
-    load_weights(model, ckpt, cfg.ckpt_path)
-
+    restored = restore(cfg.ckpt_path, cfg, overrides)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
-    (metrics,) = trainer.test(model, datamodule=datamodule)
-    log.info("Report: %s", HydraConfig.get().runtime.output_dir)
+    (metrics,) = trainer.test(restored.model, datamodule=restored.datamodule)
+    log.info("Report: %s", cfg.paths.output_dir)
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg, list(HydraConfig.get().overrides.task))
+    print_config_tree(cfg, cfg.paths.output_dir)
+    evaluate(cfg, HydraConfig.get().overrides.task)
 
 
 if __name__ == "__main__":

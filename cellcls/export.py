@@ -11,13 +11,14 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from cellcls.checkpoint import load_checkpoint, saved_config
-from cellcls.errors import CellclsError, exit_on_user_error
+from cellcls import CONFIG_DIR
+from cellcls.checkpoint import restore
+from cellcls.config_tree import print_config_tree
+from cellcls.errors import CellclsError, exit_on_user_error, require_given
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
@@ -25,13 +26,12 @@ WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
 
 def export(ckpt_path: str | Path, out: Path) -> Path:
     """Write `out/model.safetensors` and `out/config.yaml` from a cellcls checkpoint."""
-    ckpt = load_checkpoint(ckpt_path)
-    config = saved_config(ckpt, ckpt_path)
+    restored = restore(ckpt_path, data=False)  # the weights must fit the model they describe
     out.mkdir(parents=True, exist_ok=True)
     # safetensors stores plain contiguous tensors (channels-last weights are not).
-    weights = {k: v.contiguous() for k, v in ckpt["state_dict"].items()}
+    weights = {k: v.contiguous() for k, v in restored.model.state_dict().items()}
     save_file(weights, out / WEIGHTS, metadata={"format": "pt", "source": str(ckpt_path)})
-    OmegaConf.save(OmegaConf.create(config), out / CONFIG)
+    OmegaConf.save(restored.config, out / CONFIG)
     return out
 
 
@@ -46,12 +46,12 @@ def load_exported(folder: str | Path) -> L.LightningModule:
     return model
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise CellclsError("ckpt_path is required: python -m cellcls.export ckpt_path=PATH")
-    out = export(cfg.ckpt_path, Path(HydraConfig.get().runtime.output_dir))
+    print_config_tree(cfg, cfg.paths.output_dir)
+    require_given(cfg, ["ckpt_path"], "python -m cellcls.export ckpt_path=PATH")
+    out = export(cfg.ckpt_path, Path(cfg.paths.output_dir))
     log.info("Exported %s and %s to %s", WEIGHTS, CONFIG, out)
 
 

@@ -21,6 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from cellcls import CONFIG_DIR
+from cellcls.config_tree import print_config_tree
 from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.data.groups import grouped_split, random_indices, shared_groups, write_groups_csv
 from cellcls.errors import exit_on_user_error
@@ -144,10 +146,12 @@ def report(cfg: DictConfig, out: Path) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="groups")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="groups")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    report(cfg, Path(HydraConfig.get().runtime.output_dir))
+    out = Path(HydraConfig.get().runtime.output_dir)
+    print_config_tree(cfg, out)
+    report(cfg, out)
 
 
 if __name__ == "__main__":

@@ -2,31 +2,33 @@
 
 Writes `predictions.csv` (path, predicted class, one probability per class) in the run folder
 for every image that could be read, and `unreadable.csv` for those that could not: one bad file
-never stops the others.
+never stops the others. The model runs in Lightning's `Trainer.predict`, so device and precision
+are chosen as for training (`trainer.*` settings apply).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
 import hydra
+import lightning as L
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from cellcls.checkpoint import load_checkpoint, load_weights, saved_config
-from cellcls.data.cache import load_images
-from cellcls.errors import CellclsError, exit_on_user_error, is_whole, require
-from cellcls.report import write_predictions
+from cellcls import CONFIG_DIR
+from cellcls.checkpoint import restore
+from cellcls.config_tree import print_config_tree
+from cellcls.data.cache import ImageFiles
+from cellcls.data.datamodule import batch_as_is
+from cellcls.errors import CellclsError, exit_on_user_error, is_whole, require, require_given
+from cellcls.report import list_unreadable, write_predictions, write_unreadable
 
 log = logging.getLogger(__name__)
-# Images decoded at a time: a large folder needs little memory.
-CHUNK = 1024
 
 
 def find_images(inputs: str | Path) -> list[str]:
@@ -49,47 +51,36 @@ def find_images(inputs: str | Path) -> list[str]:
 
 def predict(cfg: DictConfig, out: Path) -> None:
     """predictions.csv for every readable image in `cfg.inputs`, unreadable.csv for the rest."""
-    for key in ("ckpt_path", "inputs"):
-        if OmegaConf.is_missing(cfg, key):
-            raise CellclsError(f"{key} is required: python -m cellcls.predict ckpt_path=… inputs=…")
+    require_given(cfg, ["ckpt_path", "inputs"], "python -m cellcls.predict ckpt_path=… inputs=…")
     require(is_whole(cfg.batch_size, 1), "batch_size", cfg.batch_size, "an integer >= 1")
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    saved = OmegaConf.create(saved_config(ckpt, cfg.ckpt_path))
-    model = instantiate(saved.model, _convert_="object")
-    load_weights(model, ckpt, cfg.ckpt_path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-
-    paths = find_images(cfg.inputs)
-    done: list[str] = []
-    probs: list[torch.Tensor] = []
-    unreadable: dict[str, str] = {}
-    for start in range(0, len(paths), CHUNK):
-        chunk = paths[start : start + CHUNK]
-        images, bad = load_images(chunk, saved.data.image_size, name="inputs")
-        unreadable |= bad
-        keep = [i for i, path in enumerate(chunk) if path not in bad]
-        done += [chunk[i] for i in keep]
-        with torch.inference_mode():
-            for batch in images[keep].split(cfg.batch_size) if keep else ():
-                probs.append(model(batch.to(device)).float().softmax(1).cpu())
+    restored = restore(cfg.ckpt_path, data=False)
+    model, classes = restored.model, restored.model.classes
+    images = ImageFiles(find_images(cfg.inputs), restored.config.data.image_size)
+    # Decoded a batch at a time, on all cores, in this process (see ImageFiles).
+    loader = DataLoader(images, batch_size=cfg.batch_size, collate_fn=batch_as_is)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    batches = trainer.predict(model, dataloaders=loader)
+    probs = torch.cat(batches).cpu().numpy() if batches else np.empty((0, len(classes)))
+    keep = [i for i, path in enumerate(images.paths) if path not in images.unreadable]
+    done = [images.paths[i] for i in keep]
 
     out.mkdir(parents=True, exist_ok=True)
-    classes = model.classes
-    table = torch.cat(probs).numpy() if probs else np.empty((0, len(classes)))
-    write_predictions(out / "predictions.csv", done, table, classes)
+    write_predictions(out / "predictions.csv", done, probs[keep], classes)
     log.info("Predictions for %d image(s): %s", len(done), out / "predictions.csv")
-    if unreadable:
-        with (out / "unreadable.csv").open("w", newline="") as f:
-            csv.writer(f).writerows([("path", "reason"), *sorted(unreadable.items())])
-        listing = "\n".join(f"  {path}: {why}" for path, why in sorted(unreadable.items()))
-        log.warning("%d file(s) could not be read (unreadable.csv):\n%s", len(unreadable), listing)
+    if images.unreadable:
+        write_unreadable(out / "unreadable.csv", images.unreadable)
+        log.warning(
+            "%d file(s) could not be read (unreadable.csv):\n%s",
+            len(images.unreadable),
+            list_unreadable(images.unreadable),
+        )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    predict(cfg, Path(HydraConfig.get().runtime.output_dir))
+    print_config_tree(cfg, cfg.paths.output_dir)
+    predict(cfg, Path(cfg.paths.output_dir))
 
 
 if __name__ == "__main__":

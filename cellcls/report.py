@@ -55,6 +55,9 @@ def classification_metrics(
 
 def format_table(metrics: Mapping[str, Any]) -> str:
     """A short per-class table with the overall figures, for the console."""
+    scored = metrics["n_images"]
+    if metrics.get("n_split", scored) != scored:
+        scored = f"{scored} of the split's {metrics['n_split']}"
     lines = [f"{'class':<12} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}"]
     for c, m in metrics["per_class"].items():
         lines.append(
@@ -63,7 +66,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     lines.append(
         f"accuracy {metrics['accuracy']:.4f} · balanced accuracy "
         f"{metrics['balanced_accuracy']:.4f} · macro-F1 {metrics['macro_f1']:.4f} · "
-        f"loss {metrics['loss']:.4f} · {metrics['n_images']} images"
+        f"loss {metrics['loss']:.4f} · {scored} images"
     )
     return "\n".join(lines)
 
@@ -78,7 +81,8 @@ def write_report(
 ) -> dict[str, Any]:
     """Write metrics.json, predictions.csv, confusion_matrix.{csv,png} and errors.png.
 
-    `info` (e.g. split, checkpoint) is stored in metrics.json as it is. Returns the metrics.
+    `info` (e.g. split, checkpoint, n_split: the images in the split, when only `n_images` of
+    them were scored) is stored in metrics.json as it is. Returns the metrics.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +117,18 @@ def write_predictions(
         for i, (path, p, row) in enumerate(zip(paths, preds, probs, strict=True)):
             label = [classes[labels[i]]] if labels is not None else []
             writer.writerow([path, *label, classes[p], *(f"{v:.6f}" for v in row)])
+
+
+def list_unreadable(bad: Mapping[str, str]) -> str:
+    """Unreadable files, one `  path: reason` line each, for the log or an error message."""
+    return "\n".join(f"  {path}: {why}" for path, why in sorted(bad.items()))
+
+
+def write_unreadable(file: Path, bad: Mapping[str, str]) -> None:
+    """A CSV of unreadable files (path, reason): skipped_images.csv and predict's unreadable.csv."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "reason"), *sorted(bad.items())])
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> None:

@@ -22,6 +22,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
+from cellcls import CONFIG_DIR
+from cellcls.config_tree import print_config_tree
 from cellcls.errors import exit_on_user_error
 from cellcls.summary import record_job, write_summary
 from cellcls.train import train
@@ -130,9 +132,10 @@ def search(cfg: DictConfig) -> optuna.Study:
     return study
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="search")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="search")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    print_config_tree(cfg, cfg.paths.output_dir)
     search(cfg)
 
 

@@ -15,8 +15,10 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from cellcls import CONFIG_DIR
 from cellcls.callbacks import RngState, SaveConfig
-from cellcls.checkpoint import load_checkpoint, load_weights, rebuild_config, saved_config
+from cellcls.checkpoint import restore
+from cellcls.config_tree import print_config_tree
 from cellcls.errors import CellclsError, exit_on_user_error, is_number, is_whole, require
 
 log = logging.getLogger(__name__)
@@ -62,16 +64,16 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     the config's (cellcls.search adds its pruning callback).
     """
     check_settings(cfg)
-    run, ckpt_path = cfg, resume_path(cfg)
-    if ckpt_path:
-        ckpt = load_checkpoint(ckpt_path)  # refuses files that carry code, before Lightning
-        run = rebuild_config(cfg, saved_config(ckpt, ckpt_path), HydraConfig.get().overrides.task)
+    ckpt_path = resume_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    # Plain Python values (not OmegaConf containers) so checkpoints load with weights_only=True.
-    datamodule: L.LightningDataModule = instantiate(run.data, _convert_="object")
-    model: L.LightningModule = instantiate(run.model, _convert_="object")
-    if ckpt_path:
-        load_weights(model, ckpt, ckpt_path)  # a clear message if the model does not fit
+    if ckpt_path:  # refuses files that carry code, and weights that do not fit, before Lightning
+        restored = restore(ckpt_path, cfg, HydraConfig.get().overrides.task)
+        run, model, datamodule = restored.config, restored.model, restored.datamodule
+    else:
+        # Plain Python values (not OmegaConf containers): checkpoints load with weights_only=True.
+        run = cfg
+        datamodule = instantiate(cfg.data, _convert_="object")
+        model = instantiate(cfg.model, _convert_="object")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     run_config = {k: OmegaConf.to_container(run[k], resolve=True) for k in ("data", "model")}
     callbacks += [SaveConfig(run_config), RngState(), *extra_callbacks]
@@ -92,7 +94,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test"):
-        if not best:
+        if not best and not trainer.fast_dev_run:  # fast_dev_run saves no checkpoints
             log.warning("No best checkpoint was saved; testing the current weights.")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -115,10 +117,11 @@ def check_ddp_launch(cfg: DictConfig) -> None:
         )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the optimised metric for sweepers."""
+    print_config_tree(cfg, cfg.paths.output_dir)
     check_ddp_launch(cfg)
     metrics = train(cfg)
     name = cfg.get("optimized_metric")

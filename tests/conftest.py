@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
+from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.data.generate import generate_dataset
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -71,3 +75,27 @@ def last_value(metrics_csv: Path, key: str) -> float:
     rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get(key)]
     assert rows, f"{key} not logged in {metrics_csv}"
     return float(rows[-1][key])
+
+
+def make_dm(root: Path, **kw) -> BloodCellsDataModule:
+    """A datamodule on `root` with small, fast settings; `kw` replaces any of them."""
+    kw = {"classes": CLASSES, "image_size": 32, "batch_size": 4, "num_workers": 0} | kw
+    return BloodCellsDataModule(root, **kw)
+
+
+def best_checkpoint(run: Path) -> Path:
+    """The one best checkpoint (`epoch_*.ckpt`) of a run folder."""
+    (best,) = (run / "checkpoints").glob("epoch_*.ckpt")
+    return best
+
+
+def compose_run(overrides: list[str], out_dir: Path, config_name: str = "train") -> DictConfig:
+    """A config as `python -m cellcls.<config_name>` composes it, writing into `out_dir`, for
+    calling that entry point's function (`cellcls.train.train`, ...) in the test process."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg

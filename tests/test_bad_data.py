@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 from cellcls.data.cache import DecodeImage, load_images
-from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.errors import CellclsError
-from tests.conftest import CLASSES, FAST, run_module
+from tests.conftest import FAST, make_dm, run_module
 
 # File name -> the words its reason must contain.
 BAD = {
@@ -53,11 +52,6 @@ def messy(tiny_root: Path, tmp_path: Path) -> Path:
     shutil.copytree(tiny_root, root)
     add_files(root / "TRAIN" / "MONOCYTE")
     return root
-
-
-def make_dm(root: Path, **kw) -> BloodCellsDataModule:
-    kw = {"classes": CLASSES, "image_size": 32, "batch_size": 4, "num_workers": 0} | kw
-    return BloodCellsDataModule(root, **kw)
 
 
 @pytest.mark.parametrize("cache", [None, "memory", "disk"])

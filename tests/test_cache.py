@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +18,7 @@ from PIL import Image
 
 from cellcls.data.cache import DecodeImage, load_images
 from cellcls.data.datamodule import BloodCellsDataModule
+from cellcls.errors import CellclsError
 from tests.conftest import CLASSES, FAST, run_module
 
 
@@ -98,3 +103,61 @@ def test_bench_prints_json(tmp_path: Path, synthetic_cache: Path) -> None:
     assert figures["n_images"] == 24 and figures["image_size"] == 32
     assert figures["batch_size"] == 16 and figures["peak_rss_mb"] > 0
     assert "cached / ImageFolder" in result.stdout
+
+
+def fake_free_space(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """Make every filesystem report `free` bytes available (tests cannot fill a disk)."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+
+def test_store_that_does_not_fit_is_refused(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = train_paths(tiny_root)
+    needed = len(paths) * 32 * 32 * 3  # the decoded images alone
+    fake_free_space(monkeypatch, needed // 2)
+    store = tmp_path / "store"
+    with pytest.raises(CellclsError) as err:
+        load_images(paths, 32, store)
+    msg = str(err.value)
+    assert "\n" not in msg and f"'{store}'" in msg
+    assert f"{needed // 2:,} bytes) are free" in msg and "needs 0.1 MB" in msg
+    assert "data.cache=memory" in msg and "CELLCLS_CACHE=" in msg
+    assert not store.exists()  # nothing written, not even the folder
+
+    # The check passed, but the disk fills before the store is allocated: the same message.
+    fake_free_space(monkeypatch, 10**12)
+
+    def disk_full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", disk_full, raising=False)
+    with pytest.raises(CellclsError, match="Not enough free space for the decoded-image cache"):
+        load_images(paths, 32, store)
+    assert list(store.iterdir()) == []  # no partial store, no list of bad files
+
+    monkeypatch.undo()
+    images, _ = load_images(paths, 32, store)  # with room, it is built as usual
+    assert len(images) == len(paths) and len(list(store.glob("*.npy"))) == 1
+
+
+def test_stale_temporary_stores_are_removed(tiny_root: Path, tmp_path: Path) -> None:
+    """Leftovers of builds killed earlier go; a build still running, or on another host, stays."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    pid, host = int(dead.stdout), socket.gethostname()
+    store = tmp_path / "store"
+    store.mkdir()
+    leftovers = {
+        f"TRAIN-32px-0123.npy.tmp{pid}-{host}": False,
+        f"TRAIN-32px-4567.tmp{pid}": False,  # as earlier versions named them
+        f"TRAIN-32px-89ab.npy.tmp{os.getpid()}-{host}": True,  # alive: this process
+        f"TRAIN-32px-cdef.npy.tmp{pid}-another-host": True,
+    }
+    for name in leftovers:
+        (store / name).write_bytes(b"\0" * 100)
+    load_images(train_paths(tiny_root), 32, store)
+    for name, kept in leftovers.items():
+        assert (store / name).exists() == kept, name

@@ -5,13 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-import cellcls  # noqa: F401  (registers the `len` resolver)
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, compose_run
 
 GROUPS = {
     group.name: sorted(p.stem for p in group.glob("*.yaml"))
@@ -22,16 +19,6 @@ GROUPS = {
 CASES = [(g, o) for g, opts in GROUPS.items() for o in opts]
 
 
-def compose_train(overrides: list[str], tmp_path: Path):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
-
-
 def test_groups_found() -> None:
     assert {"data", "model", "trainer", "callbacks", "logger", "paths"} <= set(GROUPS)
     assert {"bloodcells", "synthetic"} <= set(GROUPS["data"])
@@ -40,7 +27,7 @@ def test_groups_found() -> None:
 
 @pytest.mark.parametrize(("group", "option"), CASES)
 def test_option_composes_and_resolves(group: str, option: str, tmp_path: Path) -> None:
-    cfg = compose_train([f"{group}={option}"], tmp_path)
+    cfg = compose_run([f"{group}={option}"], tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["model"]["net"]["num_classes"] == len(resolved["data"]["classes"]) == 4
     assert resolved["model"]["net"]["image_size"] == resolved["data"]["image_size"]
@@ -49,20 +36,20 @@ def test_option_composes_and_resolves(group: str, option: str, tmp_path: Path) -
 
 @pytest.mark.parametrize("option", GROUPS["callbacks"])
 def test_callbacks_instantiate(option: str, tmp_path: Path) -> None:
-    cfg = compose_train([f"callbacks={option}"], tmp_path)
+    cfg = compose_run([f"callbacks={option}"], tmp_path)
     for c in (cfg.callbacks or {}).values():
         assert instantiate(c) is not None
 
 
 @pytest.mark.parametrize("option", GROUPS["logger"])
 def test_loggers_write_into_run_folder(option: str, tmp_path: Path) -> None:
-    cfg = compose_train([f"logger={option}"], tmp_path)
+    cfg = compose_run([f"logger={option}"], tmp_path)
     for lg in cfg.logger.values():
         assert Path(instantiate(lg).log_dir).is_relative_to(tmp_path)
 
 
 def test_model_follows_data_settings(tmp_path: Path) -> None:
-    cfg = compose_train(["data.image_size=64", "data.classes=[A,B,C]"], tmp_path)
+    cfg = compose_run(["data.image_size=64", "data.classes=[A,B,C]"], tmp_path)
     model = instantiate(cfg.model, _convert_="object")
     assert model.classes == ["A", "B", "C"]
     assert model.net.classifier[-1].out_features == 3
@@ -70,7 +57,7 @@ def test_model_follows_data_settings(tmp_path: Path) -> None:
 
 
 def test_trainer_picks_device_automatically(tmp_path: Path) -> None:
-    cfg = compose_train([], tmp_path)
+    cfg = compose_run([], tmp_path)
     assert cfg.trainer.accelerator == "auto"
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.strategy.root_device.type in ("cpu", "cuda")

@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.errors import CellclsError
-from tests.conftest import CLASSES
-
-
-def make_dm(root: Path, **kw) -> BloodCellsDataModule:
-    kw = {"classes": CLASSES, "image_size": 32, "batch_size": 4, "num_workers": 0} | kw
-    return BloodCellsDataModule(root, **kw)
+from tests.conftest import CLASSES, CONF_DIR, make_dm
 
 
 def test_splits_shapes_dtype_range(tiny_root: Path) -> None:
@@ -26,6 +20,12 @@ def test_splits_shapes_dtype_range(tiny_root: Path) -> None:
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.uint8  # 4x smaller to move around
     assert x.max() > 128  # full 0-255 range; the model scales to [0, 1] on the device
     assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(4))
+
+
+def test_readme_says_what_the_datamodule_yields() -> None:
+    readme = (CONF_DIR.parent / "README.md").read_text()
+    assert "The datamodule yields uint8 images (0-255)" in readme  # as the test above checks
+    assert "yields images in [0, 1]" not in readme
 
 
 def test_split_is_seeded_and_disjoint(tiny_root: Path) -> None:

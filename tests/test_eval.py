@@ -11,14 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CLASSES, FAST, run_module
+from tests.conftest import CLASSES, FAST, best_checkpoint, run_module
 
 EVAL_FAST = [a for a in FAST if not a.startswith(("data=", "data.image_size"))]
-
-
-def best_checkpoint(run: Path) -> Path:
-    (best,) = (run / "checkpoints").glob("epoch_*.ckpt")
-    return best
 
 
 def evaluate(cwd: Path, cache: Path, ckpt: Path, *args: str):

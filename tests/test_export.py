@@ -9,12 +9,12 @@ from safetensors import safe_open
 
 from cellcls.checkpoint import load_checkpoint
 from cellcls.export import load_exported
-from tests.conftest import CLASSES, run_module
+from tests.conftest import CLASSES, best_checkpoint, run_module
 
 
 def test_export_and_reload(trained_run, tmp_path: Path, synthetic_cache: Path) -> None:
     run, _ = trained_run
-    (ckpt_path,) = (run / "checkpoints").glob("epoch_*.ckpt")
+    ckpt_path = best_checkpoint(run)
     out = tmp_path / "export"
     args = [f"ckpt_path={ckpt_path}", f"hydra.run.dir={out}"]
     result = run_module("cellcls.export", args, tmp_path, synthetic_cache)

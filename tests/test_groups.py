@@ -14,11 +14,10 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from cellcls.data import groups as groups_module
-from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.data.generate import generate_dataset, read_sources
 from cellcls.data.groups import find_groups, grouped_split, load_groups, shared_groups
 from cellcls.groups import report
-from tests.conftest import CLASSES, CONF_DIR, FAST, run_module
+from tests.conftest import CONF_DIR, FAST, make_dm, run_module
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +77,6 @@ def test_a_class_with_one_group_still_trains() -> None:
     assert set(labels[train]) == {0, 1} and set(labels[val]) == {0, 1}
     single = grouped_split(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1]), 0.5, seed=0)
     assert single == ([0, 1, 2, 3], [])
-
-
-def make_dm(root: Path, **kw) -> BloodCellsDataModule:
-    kw = {"classes": CLASSES, "image_size": 32, "batch_size": 4, "num_workers": 0} | kw
-    return BloodCellsDataModule(root, **kw)
 
 
 def test_datamodule_holds_out_whole_groups(copies_root: Path, tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
+from IPython.core.inputtransformer2 import TransformerManager
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "colab.ipynb"
@@ -45,3 +47,36 @@ def test_notebook_runs_top_to_bottom(
     assert (tmp_path / "outputs" / "colab" / "eval" / "metrics.json").is_file()
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 3
+
+
+def run_cells(*sources: str) -> list[str]:
+    """Run notebook cells as IPython would, recording shell commands and magics instead of
+    running them; returns what they would have run."""
+    ran: list[str] = []
+    shell = SimpleNamespace(
+        system=ran.append, run_line_magic=lambda name, line: ran.append(f"%{name} {line}")
+    )
+    code = TransformerManager().transform_cell("\n".join(sources))
+    exec(code, {"get_ipython": lambda: shell})
+    return ran
+
+
+def test_notebook_stops_on_the_repo_placeholder() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    intro, options, install = nb.cells[0], nb.cells[1], nb.cells[3]
+    assert "REPO" in intro.source and "placeholder" in intro.source
+    with pytest.raises(SystemExit, match="Set REPO in the options cell"):
+        run_cells(options.source, install.source)
+    mine = 'REPO = "https://github.com/me/cellcls.git"'
+    assert run_cells(options.source, mine, install.source)[0] == "git clone -q {REPO} cellcls"
+
+
+def test_notebook_downloads_with_cellcls_not_the_kaggle_cli() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    sources = "\n".join(c.source for c in nb.cells)
+    assert "kaggle datasets download" not in sources and "kaggle.json" not in sources
+    (data,) = [c for c in nb.cells if c.cell_type == "code" and "DATA_ARGS =" in c.source]
+    namespace = {}
+    code = TransformerManager().transform_cell('DATA = "kaggle"\n' + data.source)
+    exec(code, namespace)
+    assert namespace["DATA_ARGS"] == "data.root=data/blood-cells data.download=true"

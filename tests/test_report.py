@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.utils.data import DistributedSampler
 
+from cellcls.callbacks import TestReport as Report  # (not a test class)
 from cellcls.report import classification_metrics, format_table, plot_curves, write_report
 
 CLASSES = ["A", "B", "C"]
@@ -80,3 +85,54 @@ def test_curves(tmp_path: Path) -> None:
     plot_curves(history, tmp_path / "curves.png")
     with Image.open(tmp_path / "curves.png") as im:
         assert im.format == "PNG" and im.size == (1000, 400)
+
+
+def run_test_report(out: Path, n: int, world_size: int, batches: int | None) -> None:
+    """TestReport at the end of a test on `n` images, as rank 0 of `world_size` processes that
+    each scored their first `batches` batches of 2 (None: all), through Lightning's sampler."""
+    paths = [f"img{i}.jpeg" for i in range(n)]
+    # Image i is of class i % 3 and predicted so; its probability of class A encodes i.
+    labels = torch.arange(n) % 3
+    probs = torch.full((n, 3), 0.1)
+    probs[torch.arange(n), labels] = 0.7
+    probs[:, 0] += torch.arange(n) / 1000
+    shares = []
+    for rank in range(world_size):
+        order = list(DistributedSampler(range(n), world_size, rank, shuffle=False))
+        order = order[: 2 * batches] if batches else order
+        shares.append((probs[order], labels[order]))
+    report = Report(out)
+    report.on_test_epoch_start(None, None)
+    for i in range(0, len(shares[0][0]), 2):  # rank 0's batches
+        outputs = {"probs": shares[0][0][i : i + 2], "labels": shares[0][1][i : i + 2]}
+        report.on_test_batch_end(None, None, outputs, None, i // 2)
+    dm = SimpleNamespace(test_paths=paths, hparams=SimpleNamespace(split="TEST"), root=".")
+    trainer = SimpleNamespace(world_size=world_size, is_global_zero=True, datamodule=dm)
+    trainer.ckpt_path = None
+
+    def all_gather(t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([share[0 if t.is_floating_point() else 1] for share in shares])
+
+    module = SimpleNamespace(classes=CLASSES, device=torch.device("cpu"), all_gather=all_gather)
+    report.on_test_epoch_end(trainer, module)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "batches", "scored"),
+    [(1, None, 7), (1, 2, 4), (2, None, 7), (2, 1, 4), (2, 3, 7), (3, 1, 6)],
+)
+def test_report_covers_exactly_the_scored_images(
+    tmp_path: Path, caplog, world_size: int, batches: int | None, scored: int
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        run_test_report(tmp_path, 7, world_size, batches)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["n_images"], metrics["n_split"]) == (scored, 7)
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert [r["path"] for r in rows] == [f"img{i}.jpeg" for i in range(scored)]
+    assert all(r["label"] == r["pred"] == CLASSES[i % 3] for i, r in enumerate(rows))
+    limited = [r.getMessage() for r in caplog.records if "Testing was limited" in r.message]
+    assert bool(limited) == (scored < 7)
+    if limited:
+        assert f"the first {scored} of the 7 images of TEST" in limited[0]
+    assert ("of the split's 7" in format_table(metrics)) == (scored < 7)

@@ -8,8 +8,7 @@ import pytest
 
 from cellcls.errors import exit_on_user_error
 from cellcls.train import train
-from tests.conftest import FAST, run_module
-from tests.test_config import compose_train
+from tests.conftest import FAST, compose_run, run_module
 
 
 @pytest.mark.parametrize(
@@ -53,7 +52,7 @@ def test_bad_setting_is_one_line(
     tiny_root: Path, tmp_path: Path, override: str, message: str
 ) -> None:
     overrides = [f"data.root={tiny_root}", "data.cache=memory", *FAST[1:], override]
-    cfg = compose_train(overrides, tmp_path)
+    cfg = compose_run(overrides, tmp_path)
     with pytest.raises(SystemExit) as stop:
         exit_on_user_error(train)(cfg)
     text = str(stop.value.code)

@@ -8,10 +8,14 @@ and it is memory-mapped copy-on-write: every process that opens it shares one co
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from cellcls.errors import CellclsError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +117,105 @@ def decode_all(
     return {p: why for p, why in zip(paths, reasons, strict=True) if why}
 
 
+# Room for the .npy header (a few hundred bytes) and the list of bad files beside the store.
+HEADROOM = 1 << 16
+
+
+def free_space(folder: Path) -> int:
+    """Bytes this user may still write on the filesystem of `folder` (or of its nearest
+    existing parent, before it is created)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def no_space(folder: Path, needed: int, free: int) -> CellclsError:
+    """The one-line error for a store that does not fit, with what to do instead."""
+    return CellclsError(
+        f"Not enough free space for the decoded-image cache in '{folder}': it needs "
+        f"{needed / 1e6:,.1f} MB ({needed:,} bytes), {free / 1e6:,.1f} MB ({free:,} bytes) are "
+        "free. Free some space, set CELLCLS_CACHE=<a folder on a larger disk> (or "
+        "data.cache_dir=...), or pass data.cache=memory to keep the decoded images in memory "
+        "for this run only."
+    )
+
+
+def remove_stale(folder: Path) -> None:
+    """Delete temporary stores (`<store>.tmp<pid>-<host>`) left by builds on this machine that
+    were killed: their process is gone. Builds still running, or on other hosts, are left."""
+    host = socket.gethostname()
+    for tmp in folder.glob("*.tmp*"):
+        # `<host>` is missing in the names that earlier versions of cellcls gave.
+        match = re.search(r"\.tmp(\d+)(?:-(.+))?$", tmp.name)
+        if not match or match[2] not in (None, host) or process_alive(int(match[1])):
+            continue
+        tmp.unlink(missing_ok=True)
+        log.info("Removed %s, left by an interrupted cache build.", tmp)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+def allocate(file: Path) -> None:
+    """Reserve the disk blocks of `file` (made sparse by numpy) now, so that a full disk shows
+    as ENOSPC here instead of a SIGBUS when the memory map is written. Where the platform or
+    filesystem cannot, the free-space check has to do."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    fd = os.open(file, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, file.stat().st_size)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.debug("Could not preallocate %s: %s", file, err)
+    finally:
+        os.close(fd)
+
+
+def build_store(file: Path, paths: Sequence[str], size: int, desc: str) -> None:
+    """Decode `paths` into the .npy store `file` (and the list of bad files beside it).
+
+    Its size is known, so it is checked against the free space and allocated in full before any
+    image is decoded: a full disk is a `CellclsError`, never a SIGBUS on the memory map. The
+    store is written under a temporary name and renamed when complete; on any failure nothing
+    is left behind.
+    """
+    shape = (len(paths), size, size, 3)
+    needed = int(np.prod(shape)) + HEADROOM
+    free = free_space(file.parent)
+    if needed > free:
+        raise no_space(file.parent, needed, free)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(file.parent)
+    tmp = file.with_name(f"{file.name}.tmp{os.getpid()}-{socket.gethostname()}")
+    bad_file = file.with_suffix(".bad.json")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        allocate(tmp)
+        bad = decode_all(paths, size, array, desc=desc)
+        array.flush()
+        del array
+        bad_file.write_text(json.dumps(bad, indent=1))
+        os.replace(tmp, file)  # only a complete store ever has the final name
+    except OSError as err:
+        if not file.exists():
+            bad_file.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(file.parent, needed, free_space(file.parent)) from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_images(
     paths: Sequence[str], size: int, cache_dir: str | Path | None = None, name: str = "images"
 ) -> tuple[Tensor, dict[str, str]]:
@@ -129,17 +234,7 @@ def load_images(
     file = Path(cache_dir) / f"{name}-{size}px-{cache_key(paths, size)}.npy"
     bad_file = file.with_suffix(".bad.json")
     if not file.exists():
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".tmp{os.getpid()}")
-        try:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            bad = decode_all(paths, size, array, desc=f"caching {name} -> {file.parent}")
-            array.flush()
-            del array
-            bad_file.write_text(json.dumps(bad, indent=1))
-            os.replace(tmp, file)  # only a complete store ever has the final name
-        finally:
-            tmp.unlink(missing_ok=True)
+        build_store(file, paths, size, f"caching {name} -> {file.parent}")
         log.info("Decoded-image cache written: %s", file)
     array = np.load(file, mmap_mode="c")  # copy-on-write: shared pages, writable view
     if array.shape != shape:
@@ -178,3 +273,30 @@ class CachedImages(Dataset):
         # faster than fancy indexing the NCHW view, and already channels-last for the model.
         rows = self.images.permute(0, 2, 3, 1).index_select(0, self.rows[idx])
         return rows.permute(0, 3, 1, 2), self.targets[idx]
+
+
+class ImageFiles(Dataset):
+    """Image files without labels, decoded as the training images are (uint8, `size` x `size`).
+
+    Whole batches are decoded at once on all cores (`__getitems__`, with `batch_as_is` as the
+    DataLoader's collate_fn), so a folder of any size needs the memory of one batch. A file that
+    cannot be decoded gives a zero image and is recorded in `unreadable` (path -> reason): use
+    the DataLoader in this process (num_workers=0) to read it afterwards.
+    """
+
+    def __init__(self, paths: Sequence[str], size: int) -> None:
+        self.paths = list(paths)
+        self.size = size
+        self.unreadable: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> Tensor:
+        paths = [self.paths[i] for i in indices]
+        batch = np.empty((len(paths), self.size, self.size, 3), dtype=np.uint8)
+        self.unreadable |= decode_all(paths, self.size, batch, progress=False)
+        return torch.from_numpy(batch).permute(0, 3, 1, 2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,10 +12,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
 from cellcls.data.cache import CachedImages, DecodeImage, check_images, cpu_count, load_images
+from cellcls.data.download import ensure_dataset
 from cellcls.data.generate import generate_dataset
 from cellcls.data.groups import grouped_split, load_groups, random_indices, shared_groups
 from cellcls.data.layout import check_classes, find_split_root, warn_not_images
 from cellcls.errors import CellclsError, is_number, is_whole, require
+from cellcls.report import list_unreadable, write_unreadable
 
 log = logging.getLogger(__name__)
 CACHE_MODES = ("disk", "memory", None)
@@ -58,7 +59,8 @@ class BloodCellsDataModule(L.LightningDataModule):
     `mean` and `std` are the training images' per-channel statistics; the model normalises
     with them on its own device (see the model config), so they live with the data settings.
     `split` names the folder that test and eval score, next to `train_split`; `split="val"`
-    scores the validation part of TRAIN instead, as the tutorial does.
+    scores the validation part of TRAIN instead, as the tutorial does. With `download`, a
+    `root` without the dataset gets Kaggle's, fetched with kagglehub (`prepare_data`).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         cache: str | None = "memory",
         cache_dir: str | Path | None = None,
         skip_bad_images: bool = False,
+        download: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -130,6 +133,7 @@ class BloodCellsDataModule(L.LightningDataModule):
             hp.skip_bad_images,
             "true or false",
         )
+        require(isinstance(hp.download, bool), "data.download", hp.download, "true or false")
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -196,8 +200,11 @@ class BloodCellsDataModule(L.LightningDataModule):
         return train, val
 
     def prepare_data(self) -> None:
-        """Under DDP, build the disk cache and the source groups in one process: Lightning runs
-        this on one rank per machine and makes the others wait, so their `setup` reads them."""
+        """With `download`, fetch the dataset if `root` lacks it. Under DDP, build the disk
+        cache and the source groups in one process: Lightning runs this on one rank per machine
+        and makes the others wait, so their `setup` reads them."""
+        if self.hparams.download:
+            ensure_dataset(self.root, [self.hparams.train_split])
         trainer = self.trainer
         hp = self.hparams
         shared = hp.cache == "disk" or (hp.val_split == "grouped" and hp.cache_dir)
@@ -234,7 +241,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         """Stop on unreadable images, or (data.skip_bad_images) record them in the run folder."""
         if not bad:
             return
-        listing = "\n".join(f"  {path}: {why}" for path, why in sorted(bad.items()))
+        listing = list_unreadable(bad)
         if not self.hparams.skip_bad_images:
             raise CellclsError(
                 f"{len(bad)} image file(s) in '{folder}' cannot be read:\n{listing}\n"
@@ -244,9 +251,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         log.warning("Skipping %d unreadable image file(s) in '%s':\n%s", len(bad), folder, listing)
         if self.trainer is not None and self.trainer.is_global_zero:
             out = Path(self.trainer.default_root_dir) / "skipped_images.csv"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("w", newline="") as f:
-                csv.writer(f).writerows([("path", "reason"), *sorted(self.skipped.items())])
+            write_unreadable(out, self.skipped)
 
     @property
     def test_paths(self) -> list[str]:

@@ -23,9 +23,9 @@ def find_split_root(root: str | Path, splits: Sequence[str]) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise CellclsError(
-            f"data.root '{root}' does not exist. Download the Kaggle 'Blood Cell Images' "
-            f"dataset ({KAGGLE_URL}), unpack it and pass data.root=<unpacked folder> or set "
-            "CELLCLS_DATA; or run on generated images with data=synthetic (no download needed)."
+            f"data.root '{root}' does not exist. Pass data.download=true to download the Kaggle "
+            f"'Blood Cell Images' dataset ({KAGGLE_URL}) there, or point data.root (or "
+            "CELLCLS_DATA) at your copy; or run on generated images with data=synthetic."
         )
     for candidate in (root, *(root / sub for sub in KAGGLE_SUBDIRS)):
         if all((candidate / split).is_dir() for split in splits):

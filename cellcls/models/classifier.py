@@ -88,5 +88,11 @@ class CellClassifier(L.LightningModule):
         logits = self._step(batch, "test")[1]
         return {"probs": logits.detach().float().softmax(1), "labels": batch[1]}
 
+    def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
+        """Class probabilities of a batch of images (or of `(images, labels)`), for
+        `Trainer.predict` (see cellcls.predict)."""
+        x = batch if isinstance(batch, Tensor) else batch[0]
+        return self(x).float().softmax(1)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(params=self.parameters())
