@@ -12,6 +12,10 @@ class SmallCNN(nn.Module):
 
     With the defaults (200x200x3 -> 4 classes) it has 10,250,788 parameters, as the Keras
     model of the tutorial. Inputs are images in [0, 1].
+
+    Each block max-pools before its ReLU: ReLU is monotonic, so max(relu(a), relu(b)) =
+    relu(max(a, b)) and outputs and gradients are exactly the tutorial's, with the ReLU (and its
+    backward pass) on a quarter of the values.
     """
 
     def __init__(
@@ -34,11 +38,11 @@ class SmallCNN(nn.Module):
         feat = image_size // 4  # two 2x2 max-pools, floor as Keras' 'valid' pooling
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, padding=1),
-            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
             nn.Conv2d(channels, channels, 3, padding=1),
-            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
