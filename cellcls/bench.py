@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -104,6 +109,51 @@ def plain_torch_train(
     return timed_pass(batches, step, device)
 
 
+KERAS_PEER = Path(__file__).with_name("peers") / "keras_peer.py"
+PEERS_INSTALL = 'pip install -e ".[peers]"'
+
+
+def keras_train(
+    images: torch.Tensor, labels: torch.Tensor, cfg: DictConfig, python: str | None = None
+) -> tuple[float | None, str]:
+    """The tutorial's Keras training of its CNN on the same uint8 NCHW `images`: images per
+    second (best epoch after the first, like `timed_pass`) and a description, or None and why not.
+
+    It runs in a subprocess (`python`, default this one), so TensorFlow and PyTorch never share a
+    process or threads; it gets as many threads as PyTorch has.
+    """
+    net = cfg.model.net
+    tutorial = (net._target_, net.get("channels"), net.get("hidden"))
+    if tutorial != ("cellcls.models.SmallCNN", 32, 128):
+        return None, "skipped: the Keras peer is the tutorial's network (model=smallcnn)"
+    python = python or sys.executable
+    with tempfile.TemporaryDirectory(prefix="cellcls-bench-") as tmp:
+        np.save(f"{tmp}/x.npy", images.permute(0, 2, 3, 1).contiguous().numpy())
+        np.save(f"{tmp}/y.npy", labels.numpy())
+        args = {
+            "images": f"{tmp}/x.npy",
+            "labels": f"{tmp}/y.npy",
+            "batch-size": cfg.data.batch_size,
+            "epochs": PASSES,
+            "threads": torch.get_num_threads(),
+            "classes": len(cfg.data.classes),
+            "lr": cfg.model.optimizer.get("lr", 1e-3),
+            "seed": cfg.seed,
+        }
+        command = [python, str(KERAS_PEER), *(f"--{k}={v}" for k, v in args.items())]
+        result = subprocess.run(command, capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+        return None, f"failed (exit status {result.returncode} of {python}):\n{tail}"
+    out = json.loads(lines[-1])
+    if "skipped" in out:
+        return None, f"skipped: {out['skipped']}; add it with {PEERS_INSTALL}"
+    xla = ", XLA" if out.get("jit_compile") else ""
+    what = f"TensorFlow {out['tensorflow']}, Keras {out['keras']}{xla}, {out['threads']} threads"
+    return max(out["img_s"][1:]), what
+
+
 def lightning_train(cfg: DictConfig, dm: BloodCellsDataModule, **settings: Any) -> float:
     """cellcls's own training (no validation), timed as `timed_pass` times the others."""
     model_kwargs = {"channels_last": settings.pop("channels_last")} if settings else {}
@@ -161,6 +211,19 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     r["lightning_same_settings_img_s"] = lightning_train(
         cfg, dm, precision="32-true", channels_last=False
     )
+    r["keras_train_img_s"], r["keras_peer"] = None, "off (bench.keras=false)"
+    if cfg.bench.keras:
+        log.info("the tutorial's Keras/TensorFlow, in a subprocess ...")
+        images = full.images[full.rows[indices]]
+        peer = keras_train(images, full.targets[indices], cfg, cfg.bench.get("peer_python"))
+        r["keras_train_img_s"], r["keras_peer"] = peer
+        if peer[0] is None:
+            log.warning("Keras peer %s", peer[1])
+    keras = r["keras_train_img_s"]
+    r["lightning_over_keras"] = r["lightning_train_img_s"] / keras if keras else None
+    r["lightning_same_settings_over_plain"] = (
+        r["lightning_same_settings_img_s"] / r["plain_torch_train_img_s"]
+    )
     return r | {
         "cache_setup_s": round(setup_s, 2),
         "precision": str(cfg.trainer.precision),
@@ -182,13 +245,18 @@ def format_results(r: dict[str, Any]) -> str:
         ("plain PyTorch loop, fp32 (training)", r["plain_torch_train_img_s"]),
         (f"cellcls Lightning, {r['precision']} (training)", r["lightning_train_img_s"]),
         ("cellcls Lightning, plain loop's settings", r["lightning_same_settings_img_s"]),
+        ("the tutorial's Keras/TensorFlow (training)", r["keras_train_img_s"]),
     ]
-    lines = [f"{'pipeline':<46} {'img/s':>9}"] + [f"{k:<46} {v:>9.1f}" for k, v in rows]
+    lines = [f"{'pipeline':<46} {'img/s':>9}"]
+    lines += [f"{k:<46} {v:>9.1f}" if v else f"{k:<46} {'-':>9}" for k, v in rows]
     lines += [
         f"cached / ImageFolder: {r['cached_img_s'] / r['imagefolder_img_s']:.1f}x",
         f"Lightning / plain loop: {r['lightning_train_img_s'] / r['plain_torch_train_img_s']:.2f}x"
         f" (same settings: "
         f"{r['lightning_same_settings_img_s'] / r['plain_torch_train_img_s']:.2f}x)",
+        f"Lightning / Keras: {r['lightning_over_keras']:.2f}x ({r['keras_peer']})"
+        if r["lightning_over_keras"]
+        else f"Keras peer {r['keras_peer']}",
         f"{r['device']}, batch {r['batch_size']}, {r['image_size']}px, {r['n_images']} images, "
         f"peak RSS {r['peak_rss_mb']} MB (decoded TRAIN store: {r['train_store_mb']} MB)",
     ]
@@ -201,7 +269,7 @@ def main(cfg: DictConfig) -> None:
     print_config_tree(cfg, cfg.paths.output_dir)
     results = bench(cfg)
     print(format_results(results))
-    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in results.items()}))
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}))
 
 
 if __name__ == "__main__":
