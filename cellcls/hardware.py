@@ -1,7 +1,10 @@
-"""Choices that depend on the machine: numeric precision for the trainer."""
+"""Choices that depend on the machine: numeric precision, and how host memory is reused."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import platform
 from pathlib import Path
 
 import torch
@@ -25,3 +28,23 @@ def auto_precision(accelerator: str = "auto") -> str:
     if gpu:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def reuse_freed_memory(limit: int = 2**30) -> bool:
+    """Have glibc's malloc keep freed blocks of up to `limit` bytes for reuse; True if it did.
+
+    Every CPU training step allocates and frees the same large tensors (the first block's
+    activations are 82 MB at batch 16, 200x200). glibc serves such blocks with fresh pages from
+    the kernel and returns them on free, so each step page-faults about 260 MB back in (67,000
+    faults, 0.17 s of kernel time per step of smallcnn here, ~20% of the step). Kept, they are
+    reused at no cost. The process's memory then stays at its peak instead of shrinking between
+    steps. Only glibc (Linux) has these settings; elsewhere nothing changes.
+    """
+    if platform.libc_ver()[0] != "glibc" or not (name := ctypes.util.find_library("c")):
+        return False
+    libc = ctypes.CDLL(name)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, limit) and libc.mallopt(M_TRIM_THRESHOLD, limit))
