@@ -34,6 +34,7 @@ from cellcls.config_tree import print_config_tree
 from cellcls.data.cache import CachedImages, cpu_count
 from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.errors import CellclsError, exit_on_user_error
+from cellcls.hardware import reuse_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ def lightning_train(cfg: DictConfig, dm: BloodCellsDataModule, **settings: Any) 
 def bench(cfg: DictConfig) -> dict[str, Any]:
     """Measure every figure on the same first `bench.n_images` images of the training split."""
     L.seed_everything(cfg.seed, workers=True)
+    reuse_freed_memory()  # as cellcls.train does, for every figure of this process
     if cfg.data.get("cache") is None:
         raise CellclsError("cellcls.bench measures the cache against ImageFolder: set data.cache")
     if cfg.bench.n_images < 1:

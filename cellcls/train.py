@@ -20,6 +20,7 @@ from cellcls.callbacks import RngState, SaveConfig
 from cellcls.checkpoint import restore
 from cellcls.config_tree import print_config_tree
 from cellcls.errors import CellclsError, exit_on_user_error, is_number, is_whole, require
+from cellcls.hardware import reuse_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     check_settings(cfg)
     ckpt_path = resume_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    reuse_freed_memory()  # ~20% of a CPU step is page faults otherwise (see cellcls.hardware)
     if ckpt_path:  # refuses files that carry code, and weights that do not fit, before Lightning
         restored = restore(ckpt_path, cfg, HydraConfig.get().overrides.task)
         run, model, datamodule = restored.config, restored.model, restored.datamodule
