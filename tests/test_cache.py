@@ -82,7 +82,7 @@ def test_same_first_batch_with_and_without_cache(tiny_root: Path, tmp_path: Path
 def test_bench_prints_json(tmp_path: Path, synthetic_cache: Path) -> None:
     args = [
         *FAST,
-        "data.n_train=8",
+        "data.n_train=16",
         "data.n_test=2",
         "data.image_size=32",
         "bench.n_images=24",
