@@ -55,7 +55,8 @@ def predict(cfg: DictConfig, out: Path) -> None:
     require(is_whole(cfg.batch_size, 1), "batch_size", cfg.batch_size, "an integer >= 1")
     restored = restore(cfg.ckpt_path, data=False)
     model, classes = restored.model, restored.model.classes
-    images = ImageFiles(find_images(cfg.inputs), restored.config.data.image_size)
+    data = restored.config.data
+    images = ImageFiles(find_images(cfg.inputs), data.image_size, data.get("crop"))
     # Decoded a batch at a time, on all cores, in this process (see ImageFiles).
     loader = DataLoader(images, batch_size=cfg.batch_size, collate_fn=batch_as_is)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
