@@ -173,6 +173,7 @@ class TestReport(L.Callback):
             pl_module.classes,
             n_split=len(paths),
             split=dm.hparams.split,
+            val_split=dm.hparams.get("val_split"),  # how val/* (and the checkpoint) were chosen
             root=str(dm.root),
             checkpoint=str(self.checkpoint or trainer.ckpt_path or ""),
         )

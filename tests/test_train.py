@@ -25,6 +25,7 @@ def test_train_learns_and_writes_outputs(trained_run) -> None:
     # The test phase's report and the training curves.
     report = json.loads((run / "metrics.json").read_text())
     assert report["split"] == "TEST" and report["n_images"] == 4 * 15
+    assert report["val_split"] == "grouped"  # which validation chose the checkpoint
     assert report["accuracy"] == pytest.approx(last_value(metrics, "test/acc"), abs=1e-6)
     assert Path(report["checkpoint"]).name.startswith("epoch_")
     with Image.open(run / "curves.png") as im:
