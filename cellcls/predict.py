@@ -53,8 +53,10 @@ def predict(cfg: DictConfig, out: Path) -> None:
     """predictions.csv for every readable image in `cfg.inputs`, unreadable.csv for the rest."""
     require_given(cfg, ["ckpt_path", "inputs"], "python -m cellcls.predict ckpt_path=… inputs=…")
     require(is_whole(cfg.batch_size, 1), "batch_size", cfg.batch_size, "an integer >= 1")
+    require(isinstance(cfg.tta, bool), "tta", cfg.tta, "true or false")
     restored = restore(cfg.ckpt_path, data=False)
     model, classes = restored.model, restored.model.classes
+    model.tta = cfg.tta
     images = ImageFiles(find_images(cfg.inputs), restored.config.data.image_size)
     # Decoded a batch at a time, on all cores, in this process (see ImageFiles).
     loader = DataLoader(images, batch_size=cfg.batch_size, collate_fn=batch_as_is)
