@@ -61,5 +61,5 @@ def test_multirun_one_folder_per_job(tmp_path: Path, synthetic_cache: Path) -> N
         lrs.append(last_value(sweep / job / "csv" / "metrics.csv", "lr-Adam"))
     assert lrs == [1e-3, 1e-4]
     # Both jobs used the one dataset generated for these settings.
-    dataset = synthetic_cache / "synthetic-8-2-seed0"
+    dataset = synthetic_cache / "synthetic-8-2-x5-seed0"
     assert len(list((dataset / "TRAIN" / "MONOCYTE").iterdir())) == 8
