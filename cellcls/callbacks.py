@@ -15,7 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cellcls.checkpoint import CONFIG_KEY
-from cellcls.report import format_table, plot_curves, write_report
+from cellcls.report import format_table, plot_crops, plot_curves, write_report
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,33 @@ class TrainingCurves(L.Callback):
         self.history = list(state_dict["history"])
 
 
+class CropPreview(L.Callback):
+    """With `data.crop`, write `crops.png` (random training crops, a row per class) and
+    `centred.txt` (the images in which no white cell was found) when fitting starts."""
+
+    def __init__(self, out_dir: str | Path, per_class: int = 10, seed: int = 0) -> None:
+        self.out_dir, self.per_class, self.seed = Path(out_dir), per_class, seed
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if not trainer.is_global_zero or dm is None or not dm.hparams.get("crop"):
+            return
+        data = dm.train_set
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))
+        picked = order[: 40 * self.per_class].tolist()  # enough for a row of each class
+        images, labels = zip(*(data[i] for i in picked), strict=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        plot_crops(
+            torch.stack(images),
+            torch.stack(labels),
+            dm.classes,
+            self.out_dir / "crops.png",
+            self.per_class,
+        )
+        centred = [p for paths in dm.centred.values() for p in paths]
+        (self.out_dir / "centred.txt").write_text("".join(f"{p}\n" for p in centred))
+
+
 class TestReport(L.Callback):
     """After testing, write the report (see `cellcls.report.write_report`) and print its table.
 
@@ -146,6 +173,7 @@ class TestReport(L.Callback):
             pl_module.classes,
             n_split=len(paths),
             split=dm.hparams.split,
+            val_split=dm.hparams.get("val_split"),  # how val/* (and the checkpoint) were chosen
             root=str(dm.root),
             checkpoint=str(self.checkpoint or trainer.ckpt_path or ""),
         )

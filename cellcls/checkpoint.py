@@ -121,6 +121,10 @@ def restore(
     ckpt = load_checkpoint(path)
     saved = saved_config(ckpt, path)
     config = OmegaConf.create(saved) if cfg is None else rebuild_config(cfg, saved, overrides)
+    if OmegaConf.select(config, "model.net.weights") is not None:
+        # The checkpoint holds the trained weights: the pretrained file they started from (kept
+        # in the checkpoint's config as a record) is neither read again nor needed.
+        config.model.net.weights = None
     # Plain Python values (not OmegaConf containers) so checkpoints load with weights_only=True.
     datamodule = instantiate(config.data, _convert_="object") if data else None
     model: L.LightningModule = instantiate(config.model, _convert_="object")

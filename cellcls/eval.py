@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from cellcls import CONFIG_DIR
 from cellcls.checkpoint import restore
 from cellcls.config_tree import print_config_tree
-from cellcls.errors import exit_on_user_error, require_given
+from cellcls.errors import exit_on_user_error, require, require_given
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, float]:
     """Rebuild the checkpoint's model and data, test it, and return the test metrics."""
     require_given(cfg, ["ckpt_path"], "python -m cellcls.eval ckpt_path=PATH")
+    require(isinstance(cfg.tta, bool), "tta", cfg.tta, "true or false")
     L.seed_everything(cfg.seed, workers=True)
     restored = restore(cfg.ckpt_path, cfg, overrides)
+    restored.model.tta = cfg.tta
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     (metrics,) = trainer.test(restored.model, datamodule=restored.datamodule)

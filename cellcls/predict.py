@@ -53,12 +53,15 @@ def predict(cfg: DictConfig, out: Path) -> None:
     """predictions.csv for every readable image in `cfg.inputs`, unreadable.csv for the rest."""
     require_given(cfg, ["ckpt_path", "inputs"], "python -m cellcls.predict ckpt_path=… inputs=…")
     require(is_whole(cfg.batch_size, 1), "batch_size", cfg.batch_size, "an integer >= 1")
+    require(isinstance(cfg.tta, bool), "tta", cfg.tta, "true or false")
     restored = restore(cfg.ckpt_path, data=False)
     model, classes = restored.model, restored.model.classes
-    images = ImageFiles(find_images(cfg.inputs), restored.config.data.image_size)
+    data = restored.config.data
+    images = ImageFiles(find_images(cfg.inputs), data.image_size, data.get("crop"))
     # Decoded a batch at a time, on all cores, in this process (see ImageFiles).
     loader = DataLoader(images, batch_size=cfg.batch_size, collate_fn=batch_as_is)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    model.tta = cfg.tta  # averages over flips and rotations in predict_step
     batches = trainer.predict(model, dataloaders=loader)
     probs = torch.cat(batches).cpu().numpy() if batches else np.empty((0, len(classes)))
     keep = [i for i, path in enumerate(images.paths) if path not in images.unreadable]

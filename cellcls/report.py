@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
+from torch import Tensor
 
 
 def classification_metrics(
@@ -241,4 +242,21 @@ def plot_groups(
             ax.set_xlabel(classes[i][:4], fontsize=7)
             if k == 0:
                 ax.set_ylabel(f"group {g}\n{len(members)} images", fontsize=8)
+    fig.savefig(path, dpi=80)
+
+
+def plot_crops(
+    images: Tensor, labels: Tensor, classes: Sequence[str], path: Path, per_class: int = 10
+) -> None:
+    """One row of images (uint8, N x 3 x H x W) per class, to check the crops at a glance."""
+    fig = Figure(figsize=(1.3 * per_class, 1.4 * len(classes)), layout="constrained")
+    for r, name in enumerate(classes):
+        members = (labels == r).nonzero().flatten()[:per_class]
+        for k, i in enumerate(members.tolist()):
+            ax = fig.add_subplot(len(classes), per_class, r * per_class + k + 1)
+            ax.imshow(images[i].permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k == 0:
+                ax.set_ylabel(name, fontsize=8)
     fig.savefig(path, dpi=80)

@@ -110,13 +110,13 @@ def test_non_images_by_extension_are_counted_once(messy: Path, caplog) -> None:
 def test_bad_file_in_cache_is_remembered_not_left_half_written(messy: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     paths = sorted(str(p) for p in (messy / "TRAIN" / "MONOCYTE").glob("*.jpeg"))
-    images, bad = load_images(paths, 24, store)
+    images, bad, _ = load_images(paths, 24, store)
     assert {Path(p).name for p in bad} == set(BAD)
     assert all(images[paths.index(p)].sum() == 0 for p in bad)
     (npy,) = store.glob("*.npy")
     assert not list(store.glob("*.tmp*"))
     built = npy.stat().st_mtime_ns
-    again, bad_again = load_images(paths, 24, store)  # no decoding: the store knows its bad files
+    again, bad_again, _ = load_images(paths, 24, store)  # no decoding: the store lists bad files
     assert bad_again == bad and npy.stat().st_mtime_ns == built and torch.equal(again, images)
 
 

@@ -29,7 +29,7 @@ def train_paths(root: Path) -> list[str]:
 def test_cached_equals_fresh_decode(tiny_root: Path, tmp_path: Path) -> None:
     paths = train_paths(tiny_root)
     for cache_dir in (None, tmp_path):
-        images, _ = load_images(paths, 40, cache_dir)
+        images, *_ = load_images(paths, 40, cache_dir)
         assert images.shape == (len(paths), 3, 40, 40) and images.dtype == torch.uint8
         fresh = torch.stack([DecodeImage(40)(p) for p in paths])
         assert torch.equal(images, fresh)
@@ -52,13 +52,13 @@ def test_cache_rebuilt_when_files_or_size_change(tiny_root: Path, tmp_path: Path
     changed = Path(paths[0])
     Image.new("RGB", (320, 240), (255, 0, 0)).save(changed)
     os.utime(changed, ns=(built + 10**9, built + 10**9))
-    images, _ = load_images(paths, 32, store)
+    images, *_ = load_images(paths, 32, store)
     assert len(list(store.glob("*.npy"))) == 3
     assert images[0, 0].float().mean() > 250 and images[0, 1].float().mean() < 5
 
     added = changed.with_name("added.jpeg")
     shutil.copy(paths[1], added)
-    more, _ = load_images(train_paths(root), 32, store)
+    more, *_ = load_images(train_paths(root), 32, store)
     assert len(more) == len(paths) + 1 and len(list(store.glob("*.npy"))) == 4
     assert not list(store.glob("*.tmp*")), "an interrupted build must not leave its temp file"
 
@@ -138,7 +138,7 @@ def test_store_that_does_not_fit_is_refused(
     assert list(store.iterdir()) == []  # no partial store, no list of bad files
 
     monkeypatch.undo()
-    images, _ = load_images(paths, 32, store)  # with room, it is built as usual
+    images, *_ = load_images(paths, 32, store)  # with room, it is built as usual
     assert len(images) == len(paths) and len(list(store.glob("*.npy"))) == 1
 
 

@@ -30,7 +30,9 @@ def test_option_composes_and_resolves(group: str, option: str, tmp_path: Path) -
     cfg = compose_run([f"{group}={option}"], tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["model"]["net"]["num_classes"] == len(resolved["data"]["classes"]) == 4
-    assert resolved["model"]["net"]["image_size"] == resolved["data"]["image_size"]
+    # Networks with global pooling (model=smallcnn_bn, resnet18, ...) take any image size.
+    size = resolved["model"]["net"].get("image_size", resolved["data"]["image_size"])
+    assert size == resolved["data"]["image_size"]
     assert resolved["model"]["classes"] == resolved["data"]["classes"]
 
 

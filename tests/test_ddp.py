@@ -14,14 +14,15 @@ from omegaconf import open_dict
 
 from cellcls.errors import CellclsError
 from cellcls.train import check_ddp_launch
-from tests.conftest import CONF_DIR, FAST, run_module
+from tests.conftest import CONF_DIR, FAST, make_dm, run_module
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
 def test_ddp_on_two_cpu_processes(tmp_path: Path, synthetic_cache: Path) -> None:
-    # 36 TRAIN images, 7 of them for validation: an odd number, so the two processes' test shares
-    # are evened out with a repeated image (data.split=val tests on the validation part).
+    # 36 TRAIN images (source cells of 5 copies), whole cells held out for validation: an odd
+    # number of images, so the two processes' test shares are evened out with a repeated image
+    # (data.split=val tests on the validation part).
     args = [*FAST, *DDP, "data.n_train=9", "data.n_test=2", "data.image_size=32"]
     args += ["trainer.max_epochs=2", "data.cache=disk", "data.split=val", "data.val_fraction=0.2"]
     result = run_module("cellcls.train", args, tmp_path, synthetic_cache)
@@ -31,11 +32,15 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path, synthetic_cache: Path) -> None
     assert len(ckpts) == 2 and "last.ckpt" in ckpts, ckpts
     assert (run / "csv" / "metrics.csv").is_file() and (run / "curves.png").is_file()
     # Each validation image once, in the datamodule's order, whatever rank scored it.
+    dm = make_dm(synthetic_cache / "synthetic-9-2-x5-seed0", val_fraction=0.2, seed=42)
+    dm.setup("fit")
+    n_val = len(dm.val_set)
+    assert n_val % 2 == 1
     report = json.loads((run / "metrics.json").read_text())
-    assert report["n_images"] == 7
+    assert report["n_images"] == n_val
     with (run / "predictions.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len({r["path"] for r in rows}) == 7
+    assert len({r["path"] for r in rows}) == n_val
     assert all(Path(r["path"]).parent.name == r["label"] for r in rows)
     assert "distributed_backend=gloo" in result.stderr + result.stdout
 

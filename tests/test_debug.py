@@ -22,7 +22,8 @@ OPTIONS = [
     for group in ("model", "experiment")
     for p in (CONF_DIR / group).glob("*.yaml")
 ]
-# 8 TRAIN and 3 TEST images per class: 26 for training, 6 for validation, 12 for testing.
+# 8 TRAIN and 3 TEST images per class (source cells of 5 copies; whole cells held out for
+# validation) and 12 for testing.
 TINY = [*FAST, "data.n_train=8", "data.n_test=3", "data.image_size=32"]
 
 
@@ -64,7 +65,8 @@ def test_limit_test_batches(run_dir: Path) -> None:
 
 
 def test_debug_limit_runs_a_few_batches(run_dir: Path) -> None:
-    cfg = compose_run([*TINY, "data.batch_size=2", "debug=limit"], run_dir)
+    # 16 TRAIN images per class: more than 10 batches of 2 after the validation cells.
+    cfg = compose_run([*TINY, "data.n_train=16", "data.batch_size=2", "debug=limit"], run_dir)
     train(cfg)
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (2, 3 * 10)  # 3 epochs of 10 batches
@@ -72,9 +74,11 @@ def test_debug_limit_runs_a_few_batches(run_dir: Path) -> None:
 
 
 def test_debug_overfit_drives_the_loss_to_near_zero(run_dir: Path) -> None:
-    # Quicker than the config's 30 epochs at 3e-4 on this shared 2-core CPU.
+    # Quicker than the config's 30 epochs at 3e-4 on this shared 2-core CPU: 3 batches of
+    # distinct generated cells (copies=1), learning rate 1e-3.
     quick = ["trainer.max_epochs=12", "model.optimizer.lr=1e-3", "~callbacks.training_curves"]
-    cfg = compose_run([*TINY, "data.n_train=16", "debug=overfit", *quick], run_dir)
+    data = ["data.n_train=16", "data.copies=1", "data.val_split=random"]
+    cfg = compose_run([*TINY, *data, "debug=overfit", *quick], run_dir)
     assert cfg.trainer.overfit_batches == 3 and not cfg.test
     train(cfg)
     with (run_dir / "csv" / "metrics.csv").open() as f:

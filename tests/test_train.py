@@ -25,6 +25,7 @@ def test_train_learns_and_writes_outputs(trained_run) -> None:
     # The test phase's report and the training curves.
     report = json.loads((run / "metrics.json").read_text())
     assert report["split"] == "TEST" and report["n_images"] == 4 * 15
+    assert report["val_split"] == "grouped"  # which validation chose the checkpoint
     assert report["accuracy"] == pytest.approx(last_value(metrics, "test/acc"), abs=1e-6)
     assert Path(report["checkpoint"]).name.startswith("epoch_")
     with Image.open(run / "curves.png") as im:
@@ -60,5 +61,5 @@ def test_multirun_one_folder_per_job(tmp_path: Path, synthetic_cache: Path) -> N
         lrs.append(last_value(sweep / job / "csv" / "metrics.csv", "lr-Adam"))
     assert lrs == [1e-3, 1e-4]
     # Both jobs used the one dataset generated for these settings.
-    dataset = synthetic_cache / "synthetic-8-2-seed0"
+    dataset = synthetic_cache / "synthetic-8-2-x5-seed0"
     assert len(list((dataset / "TRAIN" / "MONOCYTE").iterdir())) == 8

@@ -2,8 +2,9 @@
 
 Decoding and resizing a JPEG costs about 1.5 ms of one core; doing it once instead of once per
 epoch is what lets a 2-core machine feed the model. The disk store is a `.npy` file named by a
-hash of the file list, sizes, modification times and `image_size`, so any change rebuilds it,
-and it is memory-mapped copy-on-write: every process that opens it shares one copy in RAM.
+hash of the file list, sizes, modification times, `image_size` and the crop, so any change
+rebuilds it, and it is memory-mapped copy-on-write: every process that opens it shares one
+copy in RAM.
 """
 
 from __future__ import annotations
@@ -27,18 +28,31 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from cellcls.data.crop import find_cell, square_box
 from cellcls.errors import CellclsError
 
 log = logging.getLogger(__name__)
 
 
-def decode(path: str | Path, size: int) -> np.ndarray:
+def decode(path: str | Path, size: int, crop: int | None = None) -> np.ndarray:
     """One image as an RGB uint8 array of `size` x `size` x 3 (PIL bilinear, antialiased).
 
-    Any mode (grayscale, palette, RGBA, CMYK, 16-bit) becomes 3-channel RGB.
+    Any mode (grayscale, palette, RGBA, CMYK, 16-bit) becomes 3-channel RGB. With `crop`, a
+    `crop`-pixel square around the white cell is cut out first (see `cellcls.data.crop`).
     """
+    return decode_cell(path, size, crop)[0]
+
+
+def decode_cell(path: str | Path, size: int, crop: int | None = None) -> tuple[np.ndarray, bool]:
+    """`decode`, and whether the white cell was found (False: a centre crop was taken)."""
     with Image.open(path) as im:
-        return np.array(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        im = im.convert("RGB")
+        found = True
+        if crop is not None:
+            centre = find_cell(np.asarray(im))
+            found = centre is not None
+            im = im.crop(square_box(centre, crop, im.width, im.height))
+        return np.array(im.resize((size, size), Image.Resampling.BILINEAR)), found
 
 
 def unreadable(path: str | Path, err: Exception) -> str:
@@ -74,16 +88,16 @@ def check_images(paths: Sequence[str], desc: str = "checking") -> dict[str, str]
 class DecodeImage:
     """Transform for ImageFolder: a file's image as a uint8 CHW tensor, exactly as cached."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, crop: int | None = None) -> None:
+        self.size, self.crop = size, crop
 
     def __call__(self, path: str) -> Tensor:
-        return torch.from_numpy(decode(path, self.size)).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(decode(path, self.size, self.crop)).permute(2, 0, 1).contiguous()
 
 
-def cache_key(paths: Sequence[str], size: int) -> str:
-    """A hash of every file's path, size and modification time, and the image size."""
-    h = hashlib.sha1(f"v1 {size}\n".encode())
+def cache_key(paths: Sequence[str], size: int, crop: int | None = None) -> str:
+    """A hash of every file's path, size and modification time, the image size and the crop."""
+    h = hashlib.sha1((f"v1 {size}" + ("" if crop is None else f" crop{crop}") + "\n").encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -96,25 +110,32 @@ def cpu_count() -> int:
 
 
 def decode_all(
-    paths: Sequence[str], size: int, out: np.ndarray, desc: str = "decoding", progress: bool = True
-) -> dict[str, str]:
+    paths: Sequence[str],
+    size: int,
+    out: np.ndarray,
+    desc: str = "decoding",
+    progress: bool = True,
+    crop: int | None = None,
+) -> tuple[dict[str, str], list[str]]:
     """Decode `paths` into `out` (N x size x size x 3), on all cores (PIL releases the GIL).
 
-    Returns the files that could not be decoded, with the reason; their rows stay zero.
+    Returns the files that could not be decoded, with the reason (their rows stay zero), and,
+    with `crop`, the files in which no white cell was found (centre-cropped instead).
     """
 
-    def work(i: int) -> str | None:
+    def work(i: int) -> tuple[str | None, bool]:
         try:
-            out[i] = decode(paths[i], size)
+            out[i], found = decode_cell(paths[i], size, crop)
         except Exception as err:  # PIL raises many types for broken files
             out[i] = 0
-            return unreadable(paths[i], err)
-        return None
+            return unreadable(paths[i], err), True
+        return None, found
 
     with ThreadPoolExecutor(cpu_count()) as pool:
         jobs = pool.map(work, range(len(paths)))
-        reasons = list(tqdm(jobs, total=len(paths), desc=desc, unit="img", disable=not progress))
-    return {p: why for p, why in zip(paths, reasons, strict=True) if why}
+        results = list(tqdm(jobs, total=len(paths), desc=desc, unit="img", disable=not progress))
+    bad = {p: why for p, (why, _) in zip(paths, results, strict=True) if why}
+    return bad, [p for p, (_, found) in zip(paths, results, strict=True) if not found]
 
 
 # Room for the .npy header (a few hundred bytes) and the list of bad files beside the store.
@@ -181,8 +202,11 @@ def allocate(file: Path) -> None:
         os.close(fd)
 
 
-def build_store(file: Path, paths: Sequence[str], size: int, desc: str) -> None:
-    """Decode `paths` into the .npy store `file` (and the list of bad files beside it).
+def build_store(
+    file: Path, paths: Sequence[str], size: int, desc: str, crop: int | None = None
+) -> None:
+    """Decode `paths` into the .npy store `file` (and, beside it, the lists of bad files and of
+    files without a white cell found).
 
     Its size is known, so it is checked against the free space and allocated in full before any
     image is decoded: a full disk is a `CellclsError`, never a SIGBUS on the memory map. The
@@ -197,18 +221,20 @@ def build_store(file: Path, paths: Sequence[str], size: int, desc: str) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(file.parent)
     tmp = file.with_name(f"{file.name}.tmp{os.getpid()}-{socket.gethostname()}")
-    bad_file = file.with_suffix(".bad.json")
+    bad_file, centred_file = file.with_suffix(".bad.json"), file.with_suffix(".centred.json")
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         allocate(tmp)
-        bad = decode_all(paths, size, array, desc=desc)
+        bad, centred = decode_all(paths, size, array, desc=desc, crop=crop)
         array.flush()
         del array
         bad_file.write_text(json.dumps(bad, indent=1))
+        centred_file.write_text(json.dumps(centred, indent=1))
         os.replace(tmp, file)  # only a complete store ever has the final name
     except OSError as err:
         if not file.exists():
             bad_file.unlink(missing_ok=True)
+            centred_file.unlink(missing_ok=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise no_space(file.parent, needed, free_space(file.parent)) from None
         raise
@@ -217,30 +243,37 @@ def build_store(file: Path, paths: Sequence[str], size: int, desc: str) -> None:
 
 
 def load_images(
-    paths: Sequence[str], size: int, cache_dir: str | Path | None = None, name: str = "images"
-) -> tuple[Tensor, dict[str, str]]:
+    paths: Sequence[str],
+    size: int,
+    cache_dir: str | Path | None = None,
+    name: str = "images",
+    crop: int | None = None,
+) -> tuple[Tensor, dict[str, str], list[str]]:
     """All images as one uint8 N x 3 x size x size tensor (a channels-last view of NHWC memory),
-    and the files that could not be decoded (path -> reason; their rows are zeros).
+    the files that could not be decoded (path -> reason; their rows are zeros) and, with `crop`,
+    the files in which no white cell was found (centre-cropped).
 
     With `cache_dir`, the decoded store is read from (or written to) disk and memory-mapped;
-    without it, it is built in memory. The list of bad files is stored beside the store, so a
-    later run knows it without decoding anything.
+    without it, it is built in memory. The lists of files are stored beside the store, so a
+    later run knows them without decoding anything.
     """
     shape = (len(paths), size, size, 3)
     if cache_dir is None:
         array = np.empty(shape, dtype=np.uint8)
-        bad = decode_all(paths, size, array, desc=f"decoding {name}")
-        return torch.from_numpy(array).permute(0, 3, 1, 2), bad
-    file = Path(cache_dir) / f"{name}-{size}px-{cache_key(paths, size)}.npy"
-    bad_file = file.with_suffix(".bad.json")
+        bad, centred = decode_all(paths, size, array, desc=f"decoding {name}", crop=crop)
+        return torch.from_numpy(array).permute(0, 3, 1, 2), bad, centred
+    tag = f"{size}px" if crop is None else f"{size}px-crop{crop}"
+    file = Path(cache_dir) / f"{name}-{tag}-{cache_key(paths, size, crop)}.npy"
     if not file.exists():
-        build_store(file, paths, size, f"caching {name} -> {file.parent}")
+        build_store(file, paths, size, f"caching {name} -> {file.parent}", crop)
         log.info("Decoded-image cache written: %s", file)
     array = np.load(file, mmap_mode="c")  # copy-on-write: shared pages, writable view
     if array.shape != shape:
         raise RuntimeError(f"{file} holds {array.shape}, expected {shape}; delete it")
+    bad_file, centred_file = file.with_suffix(".bad.json"), file.with_suffix(".centred.json")
     bad = json.loads(bad_file.read_text()) if bad_file.exists() else {}
-    return torch.from_numpy(array).permute(0, 3, 1, 2), bad
+    centred = json.loads(centred_file.read_text()) if centred_file.exists() else []
+    return torch.from_numpy(array).permute(0, 3, 1, 2), bad, centred
 
 
 class CachedImages(Dataset):
@@ -284,9 +317,9 @@ class ImageFiles(Dataset):
     the DataLoader in this process (num_workers=0) to read it afterwards.
     """
 
-    def __init__(self, paths: Sequence[str], size: int) -> None:
+    def __init__(self, paths: Sequence[str], size: int, crop: int | None = None) -> None:
         self.paths = list(paths)
-        self.size = size
+        self.size, self.crop = size, crop
         self.unreadable: dict[str, str] = {}
 
     def __len__(self) -> int:
@@ -298,5 +331,5 @@ class ImageFiles(Dataset):
     def __getitems__(self, indices: list[int]) -> Tensor:
         paths = [self.paths[i] for i in indices]
         batch = np.empty((len(paths), self.size, self.size, 3), dtype=np.uint8)
-        self.unreadable |= decode_all(paths, self.size, batch, progress=False)
+        self.unreadable |= decode_all(paths, self.size, batch, progress=False, crop=self.crop)[0]
         return torch.from_numpy(batch).permute(0, 3, 1, 2)

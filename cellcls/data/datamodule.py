@@ -52,6 +52,9 @@ class BloodCellsDataModule(L.LightningDataModule):
     many augmented copies of each cell, so `"random"` (the tutorial's protocol) validates on
     cells the model has trained on, and its `val/acc` is optimistic.
 
+    With `crop`, a `crop`-pixel square around the white cell (the largest purple-stained region,
+    see `cellcls.data.crop`) is cut out of each image first; images without one are
+    centre-cropped and listed in `centred`.
     Images are resized to `image_size` x `image_size` and decoded once into a uint8 store
     (`cache`: `disk` under `cache_dir`, `memory`, or null to decode every image in every
     epoch). Batches stay uint8 (4x less to move); the model scales them to [0, 1], as in the
@@ -68,6 +71,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         root: str | Path,
         classes: Sequence[str],
         image_size: int = 200,
+        crop: int | None = None,
         val_fraction: float = 0.2,
         val_split: str = "grouped",
         batch_size: int = 16,
@@ -87,12 +91,14 @@ class BloodCellsDataModule(L.LightningDataModule):
         self._check_settings()
         self.root = Path(root)
         self.classes = list(classes)
-        self.decode = DecodeImage(image_size)
+        self.decode = DecodeImage(image_size, crop)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         # Unreadable image files left out with data.skip_bad_images=true: path -> reason.
         self.skipped: dict[str, str] = {}
+        # With `crop`: the files of each folder in which no white cell was found (centre crop).
+        self.centred: dict[str, list[str]] = {}
 
     def _check_settings(self) -> None:
         """Fail on a setting of the wrong type or range now, not deep inside training."""
@@ -106,6 +112,12 @@ class BloodCellsDataModule(L.LightningDataModule):
             "a list of at least two distinct class-folder names",
         )
         require(is_whole(hp.image_size, 1), "data.image_size", hp.image_size, "an integer >= 1")
+        require(
+            hp.crop is None or is_whole(hp.crop, 8),
+            "data.crop",
+            hp.crop,
+            "null (whole image) or the side in pixels of the square cut around the white cell",
+        )
         require(hp.val_split in VAL_SPLITS, "data.val_split", hp.val_split, "grouped or random")
         require(is_whole(hp.batch_size, 1), "data.batch_size", hp.batch_size, "an integer >= 1")
         require(
@@ -224,7 +236,15 @@ class BloodCellsDataModule(L.LightningDataModule):
             bad = check_images(paths, desc=f"checking {folder.name}")
         else:
             cache_dir = self.hparams.cache_dir if self.hparams.cache == "disk" else None
-            images, bad = load_images(paths, self.hparams.image_size, cache_dir, name=folder.name)
+            images, bad, centred = load_images(
+                paths, self.hparams.image_size, cache_dir, name=folder.name, crop=self.hparams.crop
+            )
+            if centred:
+                self.centred[folder.name] = centred
+                log.warning(
+                    "No white cell found in %d of %d images in '%s': centre-cropped (e.g. %s)",
+                    *(len(centred), len(paths), folder, centred[0]),
+                )
         self._skip(folder, bad)
         rows = [i for i, path in enumerate(paths) if path not in bad]
         samples = [files.samples[i] for i in rows]

@@ -1,6 +1,10 @@
-"""Networks and the LightningModule that trains them; nothing here touches files."""
+"""Networks and the LightningModule that trains them; nothing here touches files, except the
+pretrained weights a user names (`model.net.weights`, read in `cellcls.models.backbone`)."""
 
+from cellcls.models.augment import BatchAugment
+from cellcls.models.backbone import torchvision_net
 from cellcls.models.classifier import CellClassifier
 from cellcls.models.smallcnn import SmallCNN
+from cellcls.models.smallcnn_bn import SmallCNNBN
 
-__all__ = ["CellClassifier", "SmallCNN"]
+__all__ = ["BatchAugment", "CellClassifier", "SmallCNN", "SmallCNNBN", "torchvision_net"]

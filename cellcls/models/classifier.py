@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -11,7 +13,11 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cellcls.errors import CellclsError, is_number, require
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+# Called as `scheduler(optimizer, total_steps=N)`, e.g. a partial of OneCycleLR.
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
 class CellClassifier(L.LightningModule):
@@ -23,6 +29,13 @@ class CellClassifier(L.LightningModule):
     the training set's per-channel `mean` and `std` (of [0, 1] images), on the training device,
     and those statistics travel in the checkpoint.
     `channels_last` runs the convolutions in NHWC memory format, faster on most CPUs and GPUs.
+
+    The rest is the training recipe, all off by default (the tutorial's): `scheduler` (a partial
+    taking the optimizer and `total_steps`, stepped after every batch), `label_smoothing` of the
+    training loss (validation and test losses stay plain cross-entropy, comparable between
+    recipes), and `augment` (a module applied in `training_step` only, on the training device:
+    see `cellcls.models.augment`). `tta` (set by `cellcls.eval` and `predict`, not saved)
+    averages test and predict probabilities over the 8 flips and 90-degree rotations.
     """
 
     def __init__(
@@ -33,13 +46,24 @@ class CellClassifier(L.LightningModule):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.25, 0.25, 0.25),
         channels_last: bool = False,
+        scheduler: SchedulerFactory | None = None,
+        label_smoothing: float = 0.0,
+        augment: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        # The network and optimizer are rebuilt from the Hydra config; keep only plain values.
-        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
+        ok = is_number(label_smoothing) and 0 <= label_smoothing < 1
+        require(ok, "model.label_smoothing", label_smoothing, "a number in [0, 1)")
+        # Network, optimizer, schedule and augmentation are rebuilt from the Hydra config; keep
+        # only plain values.
+        ignore = ["net", "optimizer", "scheduler", "augment"]
+        self.save_hyperparameters(ignore=ignore, logger=False)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.channels_last = channels_last
         self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.label_smoothing = label_smoothing
+        self.augment = augment
+        self.tta = False
         self.classes = list(classes)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
@@ -58,10 +82,20 @@ class CellClassifier(L.LightningModule):
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         return self.net(x.contiguous(memory_format=layout))
 
+    def scores(self, x: Tensor) -> Tensor:
+        """Logits of `x`; with `tta`, the log of the class probabilities averaged over the 8
+        flips and 90-degree rotations of each image (a cell has no up, no left)."""
+        if not self.tta:
+            return self(x)
+        views = [v for k in range(4) for v in (x.rot90(k, (-2, -1)), x.rot90(k, (-2, -1)).flip(-1))]
+        log_probs = torch.stack([self(v).float().log_softmax(1) for v in views])
+        return log_probs.logsumexp(0) - math.log(len(views))
+
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        logits = self.scores(x) if stage == "test" else self(x)
+        smoothing = self.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         loss_metric, acc_metric = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
         loss_metric(loss, weight=len(y))
         acc_metric(logits, y)
@@ -74,7 +108,10 @@ class CellClassifier(L.LightningModule):
         self.val_acc_best.reset()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")[0]
+        x, y = batch
+        if self.augment is not None:  # training batches only, on the device they train on
+            x = self.augment(x)
+        return self._step((x, y), "train")[0]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -92,7 +129,20 @@ class CellClassifier(L.LightningModule):
         """Class probabilities of a batch of images (or of `(images, labels)`), for
         `Trainer.predict` (see cellcls.predict)."""
         x = batch if isinstance(batch, Tensor) else batch[0]
-        return self(x).float().softmax(1)
+        return self.scores(x).float().softmax(1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer(params=self.parameters())
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(params=self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise CellclsError(
+                "model.scheduler needs to know the run's length: set trainer.max_epochs or "
+                "trainer.max_steps (or model.scheduler=null)."
+            )
+        scheduler = self.scheduler(optimizer, total_steps=int(total))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
