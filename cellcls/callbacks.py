@@ -92,7 +92,7 @@ class CropPreview(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
-        if not trainer.is_global_zero or dm is None or not dm.hparams.get("crop"):
+        if not trainer.is_global_zero or dm is None or not getattr(dm.hparams, "crop", None):
             return
         data = dm.train_set
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))
@@ -173,7 +173,7 @@ class TestReport(L.Callback):
             pl_module.classes,
             n_split=len(paths),
             split=dm.hparams.split,
-            val_split=dm.hparams.get("val_split"),  # how val/* (and the checkpoint) were chosen
+            val_split=getattr(dm.hparams, "val_split", None),  # what chose val/* and the ckpt
             root=str(dm.root),
             checkpoint=str(self.checkpoint or trainer.ckpt_path or ""),
         )

@@ -86,6 +86,7 @@ def test_bench_prints_json(tmp_path: Path, synthetic_cache: Path) -> None:
         "data.n_test=2",
         "data.image_size=32",
         "bench.n_images=24",
+        "bench.keras=false",  # the Keras peer is tests/test_bench.py's
         "hydra.run.dir=outputs/bench",
     ]
     args = [a for a in args if not a.startswith("callbacks.")]
