@@ -44,9 +44,13 @@ def test_draws_parameters_per_image(tmp_path: Path) -> None:
     assert len(different) == 7
 
 
-def test_none_is_no_module(tmp_path: Path) -> None:
-    cfg = compose_run([], tmp_path)
-    assert cfg.model.augment is None  # the default recipe trains on the images as stored
+def test_default_is_light_and_none_is_no_module(tmp_path: Path) -> None:
+    assert (
+        compose_run([], tmp_path).model.augment
+        == compose_run(["augment=light"], tmp_path).model.augment
+    )
+    for overrides in (["augment=none"], ["experiment=tutorial"], ["debug=overfit"]):
+        assert compose_run(overrides, tmp_path).model.augment is None, overrides
 
 
 def test_bad_setting_is_named() -> None:

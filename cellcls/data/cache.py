@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from cellcls.data.crop import find_cell, square_box
@@ -333,3 +333,48 @@ class ImageFiles(Dataset):
         batch = np.empty((len(paths), self.size, self.size, 3), dtype=np.uint8)
         self.unreadable |= decode_all(paths, self.size, batch, progress=False, crop=self.crop)[0]
         return torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+
+def split_rows(dataset: Dataset) -> tuple[CachedImages, Tensor, Tensor]:
+    """The store, store rows and labels of a `CachedImages` or a `Subset` of one."""
+    if isinstance(dataset, Subset):
+        full, picked = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+    else:
+        full, picked = dataset, torch.arange(len(dataset))
+    if not isinstance(full, CachedImages):
+        raise TypeError(f"not a decoded-image store: {type(full).__name__}")
+    return full, full.rows[picked], full.targets[picked]
+
+
+def store_bytes(dataset: Dataset) -> int:
+    """Bytes one split's images take once copied out of the store."""
+    full, rows, _ = split_rows(dataset)
+    return len(rows) * full.images[0].numel() * full.images.element_size()
+
+
+class DeviceBatches:
+    """Batches of one split whose images and labels were copied once onto the training device.
+
+    Each batch is one `index_select` there: no DataLoader, no worker process, no host-to-device
+    copy per batch, so a GPU is not kept waiting by a 2-core host (Colab's T4). Shuffled with
+    the device's global RNG, which Lightning's `seed_everything` seeds. Batches are uint8 NCHW
+    views of channels-last memory, like `CachedImages.__getitems__`.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, device: torch.device, shuffle: bool = False
+    ) -> None:
+        full, rows, targets = split_rows(dataset)
+        # NHWC rows, as the store holds them; the one copy to the device.
+        self.images = full.images.permute(0, 2, 3, 1).index_select(0, rows).to(device)
+        self.targets = targets.to(device)
+        self.batch_size, self.shuffle = batch_size, shuffle
+
+    def __len__(self) -> int:
+        return -(-len(self.targets) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n, device = len(self.targets), self.targets.device
+        order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
+        for idx in order.split(self.batch_size):
+            yield self.images.index_select(0, idx).permute(0, 3, 1, 2), self.targets[idx]

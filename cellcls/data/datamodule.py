@@ -8,10 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from cellcls.data.cache import CachedImages, DecodeImage, check_images, cpu_count, load_images
+from cellcls.data.cache import (
+    CachedImages,
+    DecodeImage,
+    DeviceBatches,
+    check_images,
+    cpu_count,
+    load_images,
+    store_bytes,
+)
 from cellcls.data.download import ensure_dataset
 from cellcls.data.generate import generate_dataset
 from cellcls.data.groups import grouped_split, load_groups, random_indices, shared_groups
@@ -23,6 +32,9 @@ log = logging.getLogger(__name__)
 CACHE_MODES = ("disk", "memory", None)
 # How validation images are held out of TRAIN: whole source cells, or images at random.
 VAL_SPLITS = ("grouped", "random")
+# With on_device="auto", a split's images go onto a GPU when they take less than this share of
+# its free memory.
+DEVICE_SHARE = 0.5
 
 
 class ClassFolder(ImageFolder):
@@ -85,6 +97,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         cache_dir: str | Path | None = None,
         skip_bad_images: bool = False,
         download: bool = False,
+        on_device: bool | str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -146,6 +159,18 @@ class BloodCellsDataModule(L.LightningDataModule):
             "true or false",
         )
         require(isinstance(hp.download, bool), "data.download", hp.download, "true or false")
+        require(
+            hp.on_device in (True, False, "auto"),
+            "data.on_device",
+            hp.on_device,
+            "auto, true or false",
+        )
+        require(
+            hp.on_device is not True or hp.cache is not None,
+            "data.on_device",
+            hp.on_device,
+            "auto or false without the decoded-image store (data.cache=null)",
+        )
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -283,7 +308,32 @@ class BloodCellsDataModule(L.LightningDataModule):
             return [samples[i][0] for i in self.test_set.indices]
         return [path for path, _ in self.test_set.samples]  # type: ignore[attr-defined]
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader:
+    def _on_device(self, dataset: Dataset) -> bool:
+        """Whether this split's images go onto the training device (`on_device`)."""
+        want, trainer = self.hparams.on_device, self.trainer
+        if want is False or self.hparams.cache is None or trainer is None or dataset is None:
+            return False
+        if trainer.world_size > 1:  # every process would see every image: keep the sampler
+            if want is True:
+                log.warning("data.on_device=true is ignored with %d processes", trainer.world_size)
+            return False
+        device = trainer.strategy.root_device
+        if want is True:
+            return True
+        return (
+            device.type == "cuda"
+            and store_bytes(dataset) < DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+        )
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader | DeviceBatches:
+        if self._on_device(dataset):
+            device = self.trainer.strategy.root_device  # type: ignore[union-attr]
+            batches = DeviceBatches(dataset, self.hparams.batch_size, device, shuffle)
+            log.info(
+                "%d images (%.2f GB) on %s: batches are indexed there, no DataLoader",
+                *(len(batches.targets), batches.images.nbytes / 1e9, device),
+            )
+            return batches
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         cached = self.hparams.cache is not None
         workers = self.hparams.num_workers
@@ -302,13 +352,13 @@ class BloodCellsDataModule(L.LightningDataModule):
             collate_fn=batch_as_is if cached else None,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.val_set)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.test_set)
 
 
