@@ -40,6 +40,17 @@ def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture
+def in_tmp(tmp_path: Path, synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tmp_path as the working folder, for runs in the test process: the shared generated-data
+    cache, and no data location from the environment."""
+    for name in ("CELLCLS_ROOT", "CELLCLS_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CELLCLS_CACHE", str(synthetic_cache))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 def run_module(module: str, args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
     """Run `python -m module args` as a user would, in `cwd`, with its own cache folder."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELLCLS_", "HYDRA_"))}

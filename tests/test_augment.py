@@ -137,11 +137,7 @@ def test_training_step_sees_augmented_images_and_same_labels() -> None:
     torch.testing.assert_close(seen["x"], x.float() / 255)
 
 
-def test_short_run_with_light_augmentation_learns(
-    tmp_path: Path, synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("CELLCLS_CACHE", str(synthetic_cache))
-    monkeypatch.chdir(tmp_path)
+def test_short_run_with_light_augmentation_learns(in_tmp: Path) -> None:
     args = [
         *FAST,
         "data.image_size=32",
@@ -152,7 +148,7 @@ def test_short_run_with_light_augmentation_learns(
         "trainer.max_epochs=5",
         "~callbacks.training_curves",
     ]
-    metrics = train(compose_run(args, tmp_path / "run"))
+    metrics = train(compose_run(args, in_tmp / "run"))
     # 4 classes: chance is 0.25.
     assert metrics["test/acc"] > 0.5, metrics
-    assert last_value(tmp_path / "run" / "csv" / "metrics.csv", "val/acc") > 0.5
+    assert last_value(in_tmp / "run" / "csv" / "metrics.csv", "val/acc") > 0.5

@@ -28,13 +28,9 @@ TINY = [*FAST, "data.n_train=8", "data.n_test=3", "data.image_size=32"]
 
 
 @pytest.fixture
-def run_dir(tmp_path: Path, synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def run_dir(in_tmp: Path) -> Path:
     """A run folder, with the generated data in the shared cache, as run_module runs use."""
-    for name in ("CELLCLS_ROOT", "CELLCLS_DATA"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CELLCLS_CACHE", str(synthetic_cache))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "run"
+    return in_tmp / "run"
 
 
 def report(run: Path) -> dict:

@@ -52,12 +52,8 @@ def test_auto_keeps_the_dataloader_off_a_gpu_and_bad_settings_are_named(tiny_roo
         make_dm(tiny_root, on_device=True, cache=None)
 
 
-def test_training_with_images_on_the_device(
-    tmp_path: Path, synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog
-) -> None:
+def test_training_with_images_on_the_device(in_tmp: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="cellcls.data.datamodule")
-    monkeypatch.setenv("CELLCLS_CACHE", str(synthetic_cache))
-    monkeypatch.chdir(tmp_path)
     overrides = [
         *FAST,
         "data.n_train=8",
@@ -65,7 +61,7 @@ def test_training_with_images_on_the_device(
         "data.on_device=true",
         "trainer.max_epochs=1",
     ]
-    metrics = train(compose_run(overrides, tmp_path / "run"))
+    metrics = train(compose_run(overrides, in_tmp / "run"))
     assert 0 <= metrics["test/acc"] <= 1 and metrics["val/acc_best"] > 0
     moved = [r.getMessage() for r in caplog.records if "no DataLoader" in r.getMessage()]
     assert len(moved) == 3 and all(" on cpu:" in m or " on cpu" in m for m in moved), moved

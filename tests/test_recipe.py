@@ -31,15 +31,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def in_tmp(tmp_path: Path, synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ("CELLCLS_ROOT", "CELLCLS_DATA"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CELLCLS_CACHE", str(synthetic_cache))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def test_smallcnn_keeps_the_tutorial_recipe(tmp_path: Path) -> None:
     cfg = compose_run(["augment=none"], tmp_path)  # the default's light augmentation aside
     assert cfg.model.get("scheduler") is None and cfg.model.augment is None
