@@ -76,6 +76,8 @@ class BloodCellsDataModule(L.LightningDataModule):
     `split` names the folder that test and eval score, next to `train_split`; `split="val"`
     scores the validation part of TRAIN instead, as the tutorial does. With `download`, a
     `root` without the dataset gets Kaggle's, fetched with kagglehub (`prepare_data`).
+    `on_device` copies each split's stored images onto the training device once, so batches
+    are indexed there without a DataLoader (`DeviceBatches`; "auto": on one GPU, when they fit).
     """
 
     def __init__(
