@@ -44,6 +44,44 @@ def test_draws_parameters_per_image(tmp_path: Path) -> None:
     assert len(different) == 7
 
 
+def test_flips_are_exact_and_drawn_per_image() -> None:
+    """With only flips, the one resampling pass lands on pixel centres: every output is exactly
+    one of the four flips of its input, and all four occur in one batch."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 20, 30)  # not square: the grid's aspect ratio is checked too
+    out = BatchAugment(flips=True, degrees=0)(x)
+    kinds = []
+    for i in range(len(x)):
+        views = (x[i], x[i].flip(-1), x[i].flip(-2), x[i].flip(-1, -2))
+        errors = [(out[i] - v).abs().max().item() for v in views]
+        assert min(errors) < 1e-5, errors
+        kinds.append(errors.index(min(errors)))
+    assert set(kinds) == {0, 1, 2, 3}
+    assert torch.equal(BatchAugment(flips=False, degrees=0)(x), x)
+
+
+def test_rotation_by_a_quarter_turn_is_rot90() -> None:
+    """The affine map turns about the image centre: +-90 degrees are rot90 of the input."""
+    torch.manual_seed(0)
+    x = torch.rand(256, 3, 16, 16)
+    out = BatchAugment(flips=False, degrees=90)(x)
+    quarter = [
+        i
+        for i in range(len(x))
+        if min((out[i] - x[i].rot90(k, (-2, -1))).abs().max() for k in (1, 3)) < 0.1
+    ]
+    assert 0 < len(quarter) < len(x)  # a few of the 256 angles lie within a degree of +-90
+
+
+def test_colour_jitter_keeps_greys_grey() -> None:
+    """Saturation and hue move colours about the grey axis; a grey image stays grey."""
+    grey = torch.full((8, 3, 12, 12), 0.4)
+    out = BatchAugment(flips=False, degrees=0, saturation=0.5, hue=0.3)(grey)
+    torch.testing.assert_close(out, grey, atol=1e-5, rtol=0)
+    coloured = torch.rand(8, 3, 12, 12)
+    assert not torch.equal(BatchAugment(flips=False, degrees=0, hue=0.3)(coloured), coloured)
+
+
 def test_default_is_light_and_none_is_no_module(tmp_path: Path) -> None:
     assert (
         compose_run([], tmp_path).model.augment
