@@ -83,6 +83,9 @@ class BatchAugment(nn.Module):
         self.flips, self.degrees, self.translate, self.scale = flips, degrees, translate, (lo, hi)
         self.jitter = (brightness, contrast, saturation, hue)
         self.padding_mode, self.erasing = padding_mode, erasing
+        yiq = torch.tensor(_YIQ)  # not saved in checkpoints; moves with the module
+        self.register_buffer("yiq", yiq, persistent=False)
+        self.register_buffer("yiq_inv", torch.linalg.inv(yiq), persistent=False)
 
     def grid(self, x: Tensor) -> Tensor:
         """A per-image sampling grid for `F.grid_sample`: for each output pixel, where in the
@@ -109,14 +112,13 @@ class BatchAugment(nn.Module):
         """Per-image (N, 3, 3) matrices and (N, 3, 1) offsets: brightness, then contrast (a
         blend with the image's mean luma), saturation (a blend with each pixel's luma), hue."""
         n = len(x)
-        yiq = torch.tensor(_YIQ, device=x.device)
-        luma, ones = yiq[:1].view(1, 1, 3), torch.ones(1, 3, 1, device=x.device)
+        luma, ones = self.yiq[:1].view(1, 1, 3), torch.ones(1, 3, 1, device=x.device)
         b, c, s = (_uniform(n, 1 - v, 1 + v, x).view(n, 1, 1) for v in self.jitter[:3])
         angle = _uniform(n, -self.jitter[3], self.jitter[3], x) * (2 * math.pi)
         rot = torch.zeros(n, 3, 3, device=x.device)
         rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, angle.cos(), angle.cos()
         rot[:, 1, 2], rot[:, 2, 1] = -angle.sin(), angle.sin()
-        hue_matrix = torch.linalg.inv(yiq) @ rot @ yiq  # keeps luma, so greys stay grey
+        hue_matrix = self.yiq_inv @ rot @ self.yiq  # keeps luma, so greys stay grey
         eye = torch.eye(3, device=x.device)
         mean = (luma @ x.mean((2, 3)).unsqueeze(2)) * b  # mean luma after the brightness
         matrix = hue_matrix @ (b * c * (s * eye + (1 - s) * ones @ luma))
