@@ -173,11 +173,18 @@ class TestReport(L.Callback):
             pl_module.classes,
             n_split=len(paths),
             split=dm.hparams.split,
-            val_split=getattr(dm.hparams, "val_split", None),  # what chose val/* and the ckpt
+            val_split=val_split(dm.hparams),  # what chose val/* and the checkpoint
             root=str(dm.root),
             checkpoint=str(self.checkpoint or trainer.ckpt_path or ""),
         )
         log.info("Test report in %s\n%s", self.out_dir, format_table(metrics))
+
+
+def val_split(hparams: Any) -> str | None:
+    """How validation was held out of TRAIN, for the report: `none` when all of TRAIN trained."""
+    if hparams.get("val_fraction", 1) == 0:
+        return "none (all of TRAIN trained; the last epoch was tested)"
+    return hparams.get("val_split")
 
 
 class SaveConfig(L.Callback):

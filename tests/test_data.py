@@ -99,9 +99,16 @@ def test_empty_class_folder(broken: Path) -> None:
     assert str(broken / "TRAIN" / "LYMPHOCYTE") in msg and "no images" in msg
 
 
-@pytest.mark.parametrize("fraction", [0, 1, 1.5])
+@pytest.mark.parametrize("fraction", [-0.1, 1, 1.5])
 def test_bad_val_fraction(tiny_root: Path, fraction: float) -> None:
     assert "data.val_fraction" in setup_error(tiny_root, val_fraction=fraction)
+
+
+def test_val_fraction_zero_trains_on_all_of_train(tiny_root: Path) -> None:
+    dm = make_dm(tiny_root, val_fraction=0)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (24, 0, 8)
+    assert "data.split" in setup_error(tiny_root, val_fraction=0, split="val")  # nothing held out
 
 
 def test_split_val_tests_on_the_holdout(tiny_root: Path) -> None:

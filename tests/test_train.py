@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import FAST, last_value, run_module
+from cellcls.train import train
+from tests.conftest import FAST, compose_run, last_value, run_module
 
 
 def test_train_learns_and_writes_outputs(trained_run) -> None:
@@ -30,6 +31,18 @@ def test_train_learns_and_writes_outputs(trained_run) -> None:
     assert Path(report["checkpoint"]).name.startswith("epoch_")
     with Image.open(run / "curves.png") as im:
         assert im.size[0] > 300
+
+
+def test_refit_trains_on_all_of_train_and_tests_the_last_epoch(in_tmp: Path) -> None:
+    run = in_tmp / "run"
+    args = [*FAST, "data.n_train=8", "data.n_test=3", "data.image_size=32"]
+    cfg = compose_run([*args, "experiment=best_refit", "trainer.max_epochs=2"], run)
+    metrics = train(cfg)
+    assert "val/acc" not in metrics and "test/acc" in metrics  # no validation: nothing chosen
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["val_split"].startswith("none") and report["n_images"] == 4 * 3
+    assert Path(report["checkpoint"]).name == "epoch_001.ckpt"  # the last of 2 epochs
+    assert "val/acc" not in (run / "csv" / "metrics.csv").read_text()
 
 
 def test_missing_data_is_one_clear_message(tmp_path: Path, synthetic_cache: Path) -> None:

@@ -136,10 +136,16 @@ class BloodCellsDataModule(L.LightningDataModule):
         require(hp.val_split in VAL_SPLITS, "data.val_split", hp.val_split, "grouped or random")
         require(is_whole(hp.batch_size, 1), "data.batch_size", hp.batch_size, "an integer >= 1")
         require(
-            is_number(hp.val_fraction) and 0 < hp.val_fraction < 1,
+            is_number(hp.val_fraction) and 0 <= hp.val_fraction < 1,
             "data.val_fraction",
             hp.val_fraction,
-            "a number between 0 and 1 (exclusive), e.g. 0.2",
+            "a number from 0 (train on all of TRAIN, no validation) to 1 (exclusive), e.g. 0.2",
+        )
+        require(
+            hp.val_fraction > 0 or hp.split != HOLDOUT,
+            "data.split",
+            hp.split,
+            "a folder such as TEST: with data.val_fraction=0 no validation images are held out",
         )
         require(
             hp.num_workers is None or is_whole(hp.num_workers, 0),
@@ -187,7 +193,14 @@ class BloodCellsDataModule(L.LightningDataModule):
             check_classes(split_root / split, self.classes)
         if needs_train and self.train_set is None:
             full = self._dataset(split_root / hp.train_split)
-            if hp.val_split == "random":
+            if hp.val_fraction == 0:  # refit on every cell once the recipe is chosen
+                train, val = list(range(len(full))), []
+                log.info(
+                    "data.val_fraction=0: training on all %d images of %s, no validation",
+                    len(full),
+                    hp.train_split,
+                )
+            elif hp.val_split == "random":
                 train, val = random_indices(len(full), hp.val_fraction, hp.seed)
             else:
                 train, val = self._grouped_split(full.samples)
