@@ -182,9 +182,9 @@ class TestReport(L.Callback):
 
 def val_split(hparams: Any) -> str | None:
     """How validation was held out of TRAIN, for the report: `none` when all of TRAIN trained."""
-    if hparams.get("val_fraction", 1) == 0:
+    if getattr(hparams, "val_fraction", 1) == 0:
         return "none (all of TRAIN trained; the last epoch was tested)"
-    return hparams.get("val_split")
+    return getattr(hparams, "val_split", None)
 
 
 class SaveConfig(L.Callback):
