@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from cellcls import bench
 from cellcls.models import SmallCNN
@@ -125,6 +126,15 @@ def test_bench_takes_every_model_option(option: str, tmp_path: Path) -> None:
     cfg = tutorial_cfg(tmp_path, f"model={option}")
     net = instantiate(cfg.model.net)
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, len(cfg.data.classes))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_bench_takes_every_experiment(name: str, tmp_path: Path) -> None:
+    cfg = compose_run([f"experiment={name}"], tmp_path, "bench")
+    train = compose_run([f"experiment={name}"], tmp_path)
+    assert cfg.task_name == "bench"  # its own run folder, not the experiment's
+    for key in ("data.image_size", "data.batch_size", "model.net", "model.augment"):
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(train, key), key
 
 
 def tutorial_features(net: SmallCNN, x: torch.Tensor) -> torch.Tensor:
