@@ -36,6 +36,22 @@ def check_settings(cfg: DictConfig) -> None:
             value,
             "an integer (-1: no limit) or null",
         )
+    if cfg.data.get("val_fraction") == 0:  # nothing is validated, so nothing can be chosen on val
+        on_val = [
+            f"callbacks.{name}.monitor={c.monitor}"
+            for name, c in (cfg.get("callbacks") or {}).items()
+            if c and str(c.get("monitor") or "").startswith("val/")
+        ]
+        if str(cfg.get("optimized_metric") or "").startswith("val/"):
+            on_val.append(f"optimized_metric={cfg.optimized_metric}")
+        require(
+            not on_val,
+            "data.val_fraction",
+            0,
+            "> 0 while " + ", ".join(on_val) + " choose on validation; to train on all of TRAIN "
+            "use experiment=best_refit, or add callbacks.model_checkpoint.monitor=null "
+            "optimized_metric=null trainer.limit_val_batches=0",
+        )
     optimizer = cfg.model.get("optimizer") or {}
     for key, low in (("lr", "> 0"), ("weight_decay", ">= 0")):
         value = optimizer.get(key)

@@ -37,6 +37,7 @@ def test_entry_point_says_one_thing(
         ("data.batch_size=abc", "data.batch_size='abc' is not accepted"),
         ("data.val_fraction=1.5", "data.val_fraction=1.5 is not accepted: data.val_fraction must"),
         ("data.val_fraction=-0.1", "data.val_fraction=-0.1 is not accepted"),
+        ("data.val_fraction=0", "data.val_fraction must be > 0 while callbacks.model_checkpoint"),
         ("data.image_size=2", "data.image_size=2 is not accepted: data.image_size must be an int"),
         ("data.num_workers=-1", "data.num_workers=-1 is not accepted"),
         ("data.cache=ram", "data.cache='ram' is not accepted: data.cache must be disk, memory"),
