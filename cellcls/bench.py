@@ -157,9 +157,11 @@ def keras_train(
 
 def lightning_train(cfg: DictConfig, dm: BloodCellsDataModule, **settings: Any) -> float:
     """cellcls's own training (no validation), timed as `timed_pass` times the others; with
-    `settings` (the plain loop's), also without augmentation, as the plain loop trains."""
+    `settings` (the plain loop's), also without augmentation or mixing, as it trains."""
     model_kwargs = (
-        {"channels_last": settings.pop("channels_last"), "augment": None} if settings else {}
+        {"channels_last": settings.pop("channels_last"), "augment": None, "mix": None}
+        if settings
+        else {}
     )
     model = instantiate(cfg.model, _convert_="object", **model_kwargs)
     trainer: L.Trainer = instantiate(

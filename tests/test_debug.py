@@ -1,6 +1,6 @@
 """The debug/ config group, run in the test process through `cellcls.train.train`.
 
-Every `model=` and `experiment=` option (found by listing conf/, so new ones are covered) runs
+Every `model=`, `augment=`, `mix=` and `experiment=` option (found by listing conf/, so new ones are covered) runs
 with `debug=fdr`; the others show what they promise: few batches, a loss driven to near zero, a
 profile in the run folder. Each test report covers exactly the images it scored.
 """
@@ -19,7 +19,7 @@ from tests.conftest import CONF_DIR, FAST, compose_run, last_value
 
 OPTIONS = [
     f"{group}={p.stem}"
-    for group in ("model", "experiment")
+    for group in ("model", "augment", "mix", "experiment")
     for p in (CONF_DIR / group).glob("*.yaml")
 ]
 # 8 TRAIN and 3 TEST images per class (source cells of 5 copies; whole cells held out for
@@ -38,7 +38,7 @@ def report(run: Path) -> dict:
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
-def test_fast_dev_run_of_every_model_and_experiment(option: str, run_dir: Path) -> None:
+def test_fast_dev_run_of_every_option(option: str, run_dir: Path) -> None:
     cfg = compose_run([*TINY, option, "debug=fdr"], run_dir)
     assert cfg.task_name == "debug" and cfg.trainer.fast_dev_run
     metrics = train(cfg)

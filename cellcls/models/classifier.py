@@ -18,6 +18,9 @@ from cellcls.errors import CellclsError, is_number, require
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 # Called as `scheduler(optimizer, total_steps=N)`, e.g. a partial of OneCycleLR.
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+# Called as `mix(images, labels)` on a training batch of float images in [0, 1], returning the
+# mixed images and their soft labels (batch, classes): torchvision.transforms.v2.MixUp or CutMix.
+Mix = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class CellClassifier(L.LightningModule):
@@ -33,8 +36,10 @@ class CellClassifier(L.LightningModule):
     The rest is the training recipe, all off by default (the tutorial's): `scheduler` (a partial
     taking the optimizer and `total_steps`, stepped after every batch), `label_smoothing` of the
     training loss (validation and test losses stay plain cross-entropy, comparable between
-    recipes), and `augment` (a module applied in `training_step` only, on the training device:
-    see `cellcls.models.augment`). `tta` (set by `cellcls.eval` and `predict`, not saved)
+    recipes), `augment` (a module applied in `training_step` only, on the training device:
+    see `cellcls.models.augment`) and `mix` (after it, blends the images of a training batch
+    and their labels: MixUp or CutMix; `train/acc` is then measured against each image's own
+    label). `tta` (set by `cellcls.eval` and `predict`, not saved)
     averages test and predict probabilities over the 8 flips and 90-degree rotations.
     """
 
@@ -49,13 +54,14 @@ class CellClassifier(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         augment: nn.Module | None = None,
+        mix: Mix | None = None,
     ) -> None:
         super().__init__()
         ok = is_number(label_smoothing) and 0 <= label_smoothing < 1
         require(ok, "model.label_smoothing", label_smoothing, "a number in [0, 1)")
         # Network, optimizer, schedule and augmentation are rebuilt from the Hydra config; keep
         # only plain values.
-        ignore = ["net", "optimizer", "scheduler", "augment"]
+        ignore = ["net", "optimizer", "scheduler", "augment", "mix"]
         self.save_hyperparameters(ignore=ignore, logger=False)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.channels_last = channels_last
@@ -63,6 +69,7 @@ class CellClassifier(L.LightningModule):
         self.scheduler = scheduler
         self.label_smoothing = label_smoothing
         self.augment = augment
+        self.mix = mix
         self.tta = False
         self.classes = list(classes)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
@@ -91,11 +98,15 @@ class CellClassifier(L.LightningModule):
         log_probs = torch.stack([self(v).float().log_softmax(1) for v in views])
         return log_probs.logsumexp(0) - math.log(len(views))
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+    def _step(
+        self, batch: tuple[Tensor, Tensor], stage: str, target: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Loss against `target` (soft labels of a mixed batch) or the labels; accuracy
+        against the labels."""
         x, y = batch
         logits = self.scores(x) if stage == "test" else self(x)
         smoothing = self.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        loss = F.cross_entropy(logits, y if target is None else target, label_smoothing=smoothing)
         loss_metric, acc_metric = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
         loss_metric(loss, weight=len(y))
         acc_metric(logits, y)
@@ -111,7 +122,11 @@ class CellClassifier(L.LightningModule):
         x, y = batch
         if self.augment is not None:  # training batches only, on the device they train on
             x = self.augment(x)
-        return self._step((x, y), "train")[0]
+        target = None
+        if self.mix is not None:  # blended in [0, 1]: uint8 would round the mixture
+            x = x.float() / 255 if x.dtype == torch.uint8 else x
+            x, target = self.mix(x, y)
+        return self._step((x, y), "train", target)[0]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
