@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,14 @@ class TestReport(L.Callback):
     (`n_images` of `n_split` in metrics.json, and a warning).
     """
 
-    def __init__(self, out_dir: str | Path, checkpoint: str | None = None) -> None:
+    def __init__(self, out_dir: str | Path, checkpoint: str | Sequence[str] | None = None) -> None:
         self.out_dir = Path(out_dir)
-        self.checkpoint = checkpoint
+        # An ensemble's checkpoints, comma-separated.
+        self.checkpoint = (
+            checkpoint
+            if checkpoint is None or isinstance(checkpoint, str)
+            else (", ".join(map(str, checkpoint)))
+        )
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._probs: list[torch.Tensor] = []

@@ -1,6 +1,7 @@
 """Reading checkpoints safely (tensors and plain values only) and rebuilding their model.
 
-`restore` is the one way the entry points read a checkpoint; the functions above it are its steps.
+`restore` is the one way the entry points read a checkpoint (or several, as an ensemble); the
+functions above it are its steps.
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cellcls.data.datamodule import HOLDOUT
 from cellcls.errors import CellclsError
+from cellcls.models import CellClassifier, MeanProbabilities
 
 # Where `cellcls.callbacks.SaveConfig` puts the run's resolved data and model config.
 CONFIG_KEY = "cellcls_config"
+# Data settings the members of an ensemble must share: what their input images are ...
+SAME_INPUT = ("classes", "image_size", "crop")
+# ... and, to score the validation part of TRAIN (data.split=val), which cells it holds.
+SAME_HOLDOUT = ("train_split", "val_fraction", "val_split", "seed")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -105,10 +112,11 @@ class Restored:
 
 
 def restore(
-    path: str | Path,
+    path: str | Path | Sequence[str | Path],
     cfg: DictConfig | None = None,
     overrides: Sequence[str] = (),
     data: bool = True,
+    ensemble: bool = False,
 ) -> Restored:
     """Rebuild the model (and with `data`, the datamodule) that a cellcls checkpoint was trained
     with, and load its weights: how train (resuming), eval, predict and export read checkpoints.
@@ -117,7 +125,19 @@ def restore(
     saved ones (see `rebuild_config`); without it the saved config is used as it is. Every
     problem is a `CellclsError` that names the checkpoint: a file that is missing, not a
     checkpoint, or carries code, and settings the saved weights do not fit.
+
+    With `ensemble`, `path` may be a list: the models are rebuilt one by one (the datamodule
+    from the first) and averaged (see `ensemble_of`).
     """
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    if len(paths) != 1 and not ensemble:
+        raise CellclsError(f"ckpt_path={paths} is not accepted: give one checkpoint here.")
+    if not paths:
+        raise CellclsError("ckpt_path=[] is not accepted: give a checkpoint or a list of them.")
+    if len(paths) > 1:
+        members = [restore(p, cfg, overrides, data=data and not i) for i, p in enumerate(paths)]
+        return ensemble_of(members, paths)
+    path = paths[0]
     ckpt = load_checkpoint(path)
     saved = saved_config(ckpt, path)
     config = OmegaConf.create(saved) if cfg is None else rebuild_config(cfg, saved, overrides)
@@ -141,3 +161,34 @@ def restore(
         )
     load_weights(model, ckpt, path)
     return Restored(model, config, ckpt, datamodule)
+
+
+def ensemble_of(members: Sequence[Restored], paths: Sequence[str | Path]) -> Restored:
+    """One model that averages the class probabilities of `members` (restored checkpoints),
+    tested and predicted like a single one; the first member's data config and datamodule.
+
+    The members must take the same images (`SAME_INPUT`); to score TRAIN's held-out cells they
+    must also have held out the same ones (`SAME_HOLDOUT`), or some members would have trained
+    on the images scored.
+    """
+    first = members[0].config.data
+    keys = SAME_INPUT + (SAME_HOLDOUT if first.get("split") == HOLDOUT else ())
+    for path, member in zip(paths[1:], members[1:], strict=True):
+        for key in keys:
+            mine, theirs = member.config.data.get(key), first.get(key)
+            if mine != theirs:
+                why = "the members must agree on it"
+                if key in SAME_HOLDOUT:
+                    why += " to score data.split=val, the cells they all held out"
+                raise CellclsError(
+                    f"ckpt_path: '{path}' was trained with data.{key}={mine}, but '{paths[0]}' "
+                    f"with data.{key}={theirs}; {why}."
+                )
+    model = CellClassifier(
+        MeanProbabilities([m.model for m in members]),
+        optimizer=None,  # never trained as a whole
+        classes=members[0].model.classes,
+        mean=(0.0,),  # images reach the members in [0, 1]; each normalises them itself
+        std=(1.0,),
+    )
+    return Restored(model, members[0].config, members[0].checkpoint, members[0].datamodule)

@@ -1,4 +1,5 @@
-"""`python -m cellcls.eval ckpt_path=PATH`: score a checkpoint on a folder and write its report."""
+"""`python -m cellcls.eval ckpt_path=PATH`: score a checkpoint (or, with `ckpt_path=[A,B,...]`, the
+average of several) on a folder and write its report."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, float]:
-    """Rebuild the checkpoint's model and data, test it, and return the test metrics."""
+    """Rebuild the checkpoint's model and data (a list of checkpoints: their ensemble), test it,
+    and return the test metrics."""
     require_given(cfg, ["ckpt_path"], "python -m cellcls.eval ckpt_path=PATH")
     require(isinstance(cfg.tta, bool), "tta", cfg.tta, "true or false")
     L.seed_everything(cfg.seed, workers=True)
-    restored = restore(cfg.ckpt_path, cfg, overrides)
+    restored = restore(cfg.ckpt_path, cfg, overrides, ensemble=True)
     restored.model.tta = cfg.tta
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)

@@ -1,4 +1,5 @@
-"""`python -m cellcls.predict ckpt_path=PATH inputs=DIR_OR_FILE`: classify new images.
+"""`python -m cellcls.predict ckpt_path=PATH inputs=DIR_OR_FILE`: classify new images (with
+`ckpt_path=[A,B,...]`, by the average of several checkpoints' probabilities).
 
 Writes `predictions.csv` (path, predicted class, one probability per class) in the run folder
 for every image that could be read, and `unreadable.csv` for those that could not: one bad file
@@ -54,7 +55,7 @@ def predict(cfg: DictConfig, out: Path) -> None:
     require_given(cfg, ["ckpt_path", "inputs"], "python -m cellcls.predict ckpt_path=… inputs=…")
     require(is_whole(cfg.batch_size, 1), "batch_size", cfg.batch_size, "an integer >= 1")
     require(isinstance(cfg.tta, bool), "tta", cfg.tta, "true or false")
-    restored = restore(cfg.ckpt_path, data=False)
+    restored = restore(cfg.ckpt_path, data=False, ensemble=True)
     model, classes = restored.model, restored.model.classes
     data = restored.config.data
     images = ImageFiles(find_images(cfg.inputs), data.image_size, data.get("crop"))

@@ -1,8 +1,8 @@
 """The debug/ config group, run in the test process through `cellcls.train.train`.
 
-Every `model=`, `augment=`, `mix=` and `experiment=` option (found by listing conf/, so new ones are covered) runs
-with `debug=fdr`; the others show what they promise: few batches, a loss driven to near zero, a
-profile in the run folder. Each test report covers exactly the images it scored.
+Every `model=`, `augment=`, `mix=` and `experiment=` option (found by listing conf/, so new ones
+are covered) runs with `debug=fdr`; the others show what they promise: few batches, a loss driven
+to near zero, a profile in the run folder. Each test report covers exactly the images it scored.
 """
 
 from __future__ import annotations

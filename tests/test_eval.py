@@ -11,12 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from cellcls.checkpoint import restore
+from cellcls.errors import CellclsError
 from tests.conftest import CLASSES, FAST, best_checkpoint, run_module
 
 EVAL_FAST = [a for a in FAST if not a.startswith(("data=", "data.image_size"))]
 
 
-def evaluate(cwd: Path, cache: Path, ckpt: Path, *args: str):
+def evaluate(cwd: Path, cache: Path, ckpt: Path | str, *args: str):
     out = cwd / "eval"
     result = run_module(
         "cellcls.eval", [f"ckpt_path={ckpt}", *EVAL_FAST, f"hydra.run.dir={out}", *args], cwd, cache
@@ -110,3 +112,39 @@ def test_eval_bad_checkpoints(tmp_path: Path, synthetic_cache: Path) -> None:
         assert result.returncode != 0
         assert f"'{ckpt}'" in result.stderr and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_ensemble_averages_its_members_probabilities(trained_run) -> None:
+    run, _ = trained_run
+    paths = [best_checkpoint(run), run / "checkpoints" / "last.ckpt"]
+    members = [restore(p, data=False).model.eval() for p in paths]
+    ensemble = restore(paths, data=False, ensemble=True).model.eval()
+    x = torch.randint(0, 256, (5, 3, 48, 48), dtype=torch.uint8)
+    with torch.no_grad():
+        alone = [m.predict_step(x, 0) for m in members]
+        together = ensemble.predict_step(x, 0)
+    assert not torch.allclose(alone[0], alone[1])  # two different models
+    torch.testing.assert_close(together, (alone[0] + alone[1]) / 2)
+    with pytest.raises(CellclsError, match="give one checkpoint here"):
+        restore(paths, data=False)  # export, resuming: one checkpoint only
+
+
+def test_eval_of_an_ensemble(trained_run, tmp_path, synthetic_cache) -> None:
+    """`ckpt_path=[A,B]` scores the average; members that held out other cells of TRAIN are
+    refused for data.split=val (some trained on the images scored), not for TEST."""
+    run, _ = trained_run
+    best = best_checkpoint(run)
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["cellcls_config"]["data"]["seed"] += 1
+    other = tmp_path / "other_split.ckpt"
+    torch.save(ckpt, other)
+    out, result = evaluate(run.parents[1], synthetic_cache, f"[{best},{other}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    single = json.loads((run / "metrics.json").read_text())
+    # The same weights twice: the average is the model itself.
+    assert metrics["accuracy"] == pytest.approx(single["accuracy"], abs=1e-9)
+    assert metrics["checkpoint"] == f"{best}, {other}"
+    _, result = evaluate(run.parents[1], synthetic_cache, f"[{best},{other}]", "data.split=val")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"'{other}' was trained with data.seed=" in result.stderr, result.stderr[-2000:]

@@ -101,3 +101,24 @@ def test_tampered_checkpoint_is_refused(tampered, tmp_path, synthetic_cache) -> 
         assert f"ckpt_path '{ckpt}' was refused" in result.stderr, result.stderr[-2000:]
         assert "posix.system" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+def test_predict_with_an_ensemble(trained_run, tmp_path, synthetic_cache) -> None:
+    """`ckpt_path=[A,B]`: each image's probabilities are the average of A's and B's."""
+    run, _ = trained_run
+    inputs = tmp_path / "new"
+    inputs.mkdir()
+    for k, row in enumerate(list(csv.DictReader((run / "predictions.csv").open()))[:6]):
+        shutil.copy(row["path"], inputs / f"{k}{Path(row['path']).suffix}")
+    ckpts = [best_checkpoint(run), run / "checkpoints" / "last.ckpt"]
+    probs = []
+    for name, ckpt in (("a", ckpts[0]), ("b", ckpts[1]), ("ab", f"[{ckpts[0]},{ckpts[1]}]")):
+        (tmp_path / name).mkdir()
+        out, result = predict(
+            tmp_path / name, synthetic_cache, f"ckpt_path={ckpt}", f"inputs={inputs}"
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = sorted(csv.DictReader((out / "predictions.csv").open()), key=lambda r: r["path"])
+        probs.append(torch.tensor([[float(r[c]) for c in CLASSES] for r in rows]))
+    assert len(probs[2]) == 6 and not torch.allclose(probs[0], probs[1], atol=1e-4)
+    torch.testing.assert_close(probs[2], (probs[0] + probs[1]) / 2, atol=2e-6, rtol=0)

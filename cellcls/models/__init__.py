@@ -4,7 +4,15 @@ pretrained weights a user names (`model.net.weights`, read in `cellcls.models.ba
 from cellcls.models.augment import BatchAugment
 from cellcls.models.backbone import torchvision_net
 from cellcls.models.classifier import CellClassifier
+from cellcls.models.ensemble import MeanProbabilities
 from cellcls.models.smallcnn import SmallCNN
 from cellcls.models.smallcnn_bn import SmallCNNBN
 
-__all__ = ["BatchAugment", "CellClassifier", "SmallCNN", "SmallCNNBN", "torchvision_net"]
+__all__ = [
+    "BatchAugment",
+    "CellClassifier",
+    "MeanProbabilities",
+    "SmallCNN",
+    "SmallCNNBN",
+    "torchvision_net",
+]
