@@ -132,7 +132,7 @@ class TestReport(L.Callback):
         self.checkpoint = (
             checkpoint
             if checkpoint is None or isinstance(checkpoint, str)
-            else (", ".join(map(str, checkpoint)))
+            else ", ".join(map(str, checkpoint))
         )
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

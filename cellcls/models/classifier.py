@@ -14,6 +14,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cellcls.errors import CellclsError, is_number, require
+from cellcls.models.ensemble import mean_probabilities
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 # Called as `scheduler(optimizer, total_steps=N)`, e.g. a partial of OneCycleLR.
@@ -59,8 +60,8 @@ class CellClassifier(L.LightningModule):
         super().__init__()
         ok = is_number(label_smoothing) and 0 <= label_smoothing < 1
         require(ok, "model.label_smoothing", label_smoothing, "a number in [0, 1)")
-        # Network, optimizer, schedule and augmentation are rebuilt from the Hydra config; keep
-        # only plain values.
+        # Network, optimizer, schedule, augmentation and mixing are rebuilt from the Hydra config;
+        # keep only plain values.
         ignore = ["net", "optimizer", "scheduler", "augment", "mix"]
         self.save_hyperparameters(ignore=ignore, logger=False)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
@@ -95,8 +96,7 @@ class CellClassifier(L.LightningModule):
         if not self.tta:
             return self(x)
         views = [v for k in range(4) for v in (x.rot90(k, (-2, -1)), x.rot90(k, (-2, -1)).flip(-1))]
-        log_probs = torch.stack([self(v).float().log_softmax(1) for v in views])
-        return log_probs.logsumexp(0) - math.log(len(views))
+        return mean_probabilities([self(v) for v in views])
 
     def _step(
         self, batch: tuple[Tensor, Tensor], stage: str, target: Tensor | None = None

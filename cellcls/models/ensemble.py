@@ -9,6 +9,13 @@ import torch
 from torch import Tensor, nn
 
 
+def mean_probabilities(logits: Sequence[Tensor]) -> Tensor:
+    """The log of the class probabilities averaged over several predictions of one batch (views
+    of it, or models): a softmax of it is the average."""
+    log_probs = torch.stack([z.float().log_softmax(1) for z in logits])
+    return log_probs.logsumexp(0) - math.log(len(logits))
+
+
 class MeanProbabilities(nn.Module):
     """Images in [0, 1] -> log of the members' class probabilities averaged.
 
@@ -23,5 +30,4 @@ class MeanProbabilities(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: Tensor) -> Tensor:
-        log_probs = torch.stack([m(x).float().log_softmax(1) for m in self.members])
-        return log_probs.logsumexp(0) - math.log(len(self.members))
+        return mean_probabilities([m(x) for m in self.members])
