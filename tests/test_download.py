@@ -15,8 +15,10 @@ from pathlib import Path
 import kagglehub
 import pytest
 import requests
+from kagglehub.clients import ColabClient
 from kagglehub.exceptions import KaggleApiHTTPError
 
+from cellcls.data.download import HANDLE
 from cellcls.errors import CellclsError
 from cellcls.train import train
 from tests.conftest import FAST, compose_run, make_dm
@@ -54,11 +56,45 @@ def test_download_when_the_data_is_missing(kaggle, tmp_path: Path, caplog) -> No
         {"handle": "paultimothymooney/blood-cells", "path": None, "output_dir": str(root)}
     ]
     said = caplog.text
-    assert f"into {root}" in said and "kagglehub.login()" in said and "KAGGLE_KEY" in said
+    assert f"into {root}" in said and "KAGGLE_USERNAME" in said and "KAGGLE_KEY" in said
     dm.setup("fit")
     assert dm.split_root == root / NESTED
     make_dm(root, download=True).prepare_data()  # there now: not downloaded again
     assert len(kaggle) == 1
+
+
+@pytest.fixture
+def colab(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Inside Colab as kagglehub sees it: TBE_RUNTIME_ADDR set, so kagglehub's own
+    DatasetColabCacheResolver answers and returns Colab's mounted copy, ignoring `output_dir`.
+    Only its HTTP call to the Colab runtime is replaced: the mount is a local folder laid out as
+    Kaggle's archive unpacks. Returns the mounted dataset's folder."""
+    mount = tmp_path / "kaggle" / "input"
+    shutil.copytree(tiny_root, mount / "blood-cells" / NESTED)
+    monkeypatch.setenv("TBE_RUNTIME_ADDR", "127.0.0.1:9")  # never reached: post is replaced
+    monkeypatch.setenv("COLAB_CACHE_MOUNT_FOLDER", str(mount))
+    monkeypatch.delenv("DISABLE_COLAB_CACHE", raising=False)
+
+    def post(self, data: dict, handle_path: str, resource_handle=None) -> dict:
+        assert (data["owner"], data["dataset"]) == ("paultimothymooney", "blood-cells")
+        return {"slug": "blood-cells"}
+
+    monkeypatch.setattr(ColabClient, "post", post)
+    return mount / "blood-cells"
+
+
+def test_download_on_colab_links_the_cached_copy(colab: Path, tmp_path: Path, caplog) -> None:
+    root = tmp_path / "content" / "data" / "blood-cells"
+    assert Path(kagglehub.dataset_download(HANDLE, output_dir=str(root))) == colab  # as on Colab
+    assert not root.exists()
+    dm = make_dm(root, download=True)
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+    assert root.is_symlink() and root.resolve() == colab.resolve()
+    assert f"in {colab}" in caplog.text and f"data.root {root} now links to it" in caplog.text
+    dm.setup("fit")
+    assert dm.split_root == root / NESTED and len(dm.train_set) + len(dm.val_set) == 4 * 6
+    make_dm(root, download=True).prepare_data()  # found at data.root: no second call
 
 
 def test_no_download_unless_asked(kaggle, tmp_path: Path) -> None:
@@ -90,7 +126,7 @@ def test_train_downloads_the_data(
             requests.ConnectionError("HTTPSConnectionPool(host='api.kaggle.com', port=443): ..."),
             ["Could not reach api.kaggle.com", "offline?", "data.root=<its", "data=synthetic"],
         ),
-        ("401", ["Kaggle asks for credentials", "(HTTP 401)", "kagglehub.login()", "KAGGLE_KEY"]),
+        ("401", ["Kaggle asks for credentials", "(HTTP 401)", "KAGGLE_USERNAME", "KAGGLE_KEY"]),
         (RuntimeError("disk quota exceeded"), ["failed: RuntimeError: disk quota exceeded"]),
     ],
 )

@@ -12,11 +12,13 @@ from cellcls.errors import CellclsError
 
 log = logging.getLogger(__name__)
 HANDLE = "paultimothymooney/blood-cells"
-# Where kagglehub looks for credentials (kagglehub.config), in the words of a user.
+# Where kagglehub looks for credentials (kagglehub.config), in the words of a user. Not
+# `kagglehub.login()`: it keeps them in the Python process that calls it, and training runs in
+# its own (a notebook's `!python` child process never sees them).
 AUTHENTICATE = (
-    "sign in with `import kagglehub; kagglehub.login()`, or set KAGGLE_USERNAME and KAGGLE_KEY "
-    "(on Colab: as notebook secrets), or put kaggle.json (kaggle.com: Settings > API > Create New "
-    "Token) in ~/.kaggle/"
+    "set KAGGLE_USERNAME and KAGGLE_KEY in the environment of the training process (on Colab: "
+    "from notebook secrets into os.environ, as notebooks/colab.ipynb does), or put kaggle.json "
+    "(kaggle.com: Settings > API > Create New Token) in ~/.kaggle/"
 )
 
 
@@ -29,7 +31,12 @@ def ensure_dataset(root: str | Path, splits: Sequence[str]) -> None:
 
 
 def download(root: Path) -> Path:
-    """Download the dataset with kagglehub into `root` (new or empty); return where it is."""
+    """Download the dataset with kagglehub into `root` (new or empty); return where it is.
+
+    Inside Colab kagglehub serves the dataset from Colab's own cache (under /kaggle/input/) and
+    ignores `output_dir`: `root` is then made a link to the folder it returns, so this run and
+    later ones find the dataset at `root` all the same.
+    """
     if root.is_dir() and any(root.iterdir()):
         raise CellclsError(
             f"data.download=true, but data.root '{root}' holds other files and not the dataset: "
@@ -47,7 +54,18 @@ def download(root: Path) -> Path:
         path = Path(kagglehub.dataset_download(HANDLE, output_dir=str(root)))
     except Exception as err:  # kagglehub and requests raise many types
         raise CellclsError(why_not(err)) from None
-    log.info("Downloaded %s to %s; later runs read it from there.", HANDLE, path.resolve())
+    if path.resolve() != root.resolve() and root.resolve() not in path.resolve().parents:
+        if root.is_dir():
+            root.rmdir()  # new or empty, as checked above
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.symlink_to(path.resolve(), target_is_directory=True)
+        log.info(
+            "kagglehub put %s in %s (Colab's dataset cache ignores the folder asked for); "
+            "data.root %s now links to it.",
+            *(HANDLE, path.resolve(), root),
+        )
+    else:
+        log.info("Downloaded %s to %s; later runs read it from there.", HANDLE, path.resolve())
     return path
 
 
