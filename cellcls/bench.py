@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import hydra
@@ -31,17 +32,12 @@ from torchvision.datasets import ImageFolder
 from cellcls import CONFIG_DIR
 from cellcls.callbacks import EpochSpeed
 from cellcls.config_tree import print_config_tree
-from cellcls.data.cache import CachedImages, cpu_count
+from cellcls.data.cache import CachedImages, DeviceBatches, cpu_count
 from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.errors import CellclsError, exit_on_user_error
-from cellcls.hardware import reuse_freed_memory
+from cellcls.hardware import reuse_freed_memory, synchronize, uses_cuda
 
 log = logging.getLogger(__name__)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # Passes per measurement: the first warms caches and workers; the best of the others counts,
@@ -57,7 +53,7 @@ def timed_pass(batches: Callable[[], Iterable[Any]], step: Callable[[Any], None]
         for batch in batches():
             step(batch)
             n += len(batch[1])
-        _sync(device)
+        synchronize(device)
         speeds.append(n / (time.perf_counter() - start))
     return max(speeds[1:])
 
@@ -83,11 +79,39 @@ def tutorial_loader(
     )
 
 
+# Where a row's training batches come from: DEVICE, the split copied once onto the training
+# device and every batch indexed there (the datamodule's `DeviceBatches`); HOST, every batch built
+# on the host and, on a GPU, copied to it per batch.
+DEVICE, HOST = "device", "host"
+
+
+def data_path(dm: BloodCellsDataModule, device: torch.device) -> str:
+    """DEVICE or HOST: where the datamodule puts `dm.train_set`'s batches when a single-process
+    Lightning run trains on `device`. It is the datamodule's own rule (`data.on_device`, asked
+    through a stand-in for the trainer it reads), so the plain loop takes the path the
+    Lightning rows take."""
+    stand_in = SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=device))
+    trainer, dm.trainer = dm.trainer, stand_in
+    try:
+        return DEVICE if dm._on_device(dm.train_set) else HOST
+    finally:
+        dm.trainer = trainer
+
+
 def plain_torch_train(
-    cfg: DictConfig, full: CachedImages, indices: list[int], batch_size: int, device: torch.device
+    cfg: DictConfig,
+    full: CachedImages,
+    indices: list[int],
+    batch_size: int,
+    device: torch.device,
+    path: str = HOST,
 ) -> float:
-    """A minimal hand-written fp32 training loop over the cached tensors."""
+    """A minimal hand-written fp32 training loop over the cached tensors. With `path` DEVICE the
+    images and labels are copied onto `device` once and every batch is indexed there, as the
+    datamodule's device store does; with HOST every batch is indexed on the host and copied."""
     images, labels = full.images[full.rows[indices]].contiguous(), full.targets[indices]
+    if path == DEVICE:
+        images, labels = images.to(device), labels.to(device)
     net = instantiate(cfg.model.net).to(device)
     optimizer = instantiate(cfg.model.optimizer)(params=net.parameters())
     mean = torch.tensor(cfg.model.mean, device=device).view(1, -1, 1, 1)
@@ -95,12 +119,13 @@ def plain_torch_train(
     bs = batch_size
 
     def batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(indices))
+        order = torch.randperm(len(indices), device=images.device)
         for i in range(0, len(order), bs):
             idx = order[i : i + bs]
             yield images[idx], labels[idx]
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        # No copy when the batch is already on `device` (DEVICE): `.to` returns it as it is.
         x = (batch[0].to(device).float() / 255 - mean) / std
         loss = F.cross_entropy(net(x), batch[1].to(device))
         optimizer.zero_grad()
@@ -155,9 +180,12 @@ def keras_train(
     return max(out["img_s"][1:]), what
 
 
-def lightning_train(cfg: DictConfig, dm: BloodCellsDataModule, **settings: Any) -> float:
-    """cellcls's own training (no validation), timed as `timed_pass` times the others; with
-    `settings` (the plain loop's), also without augmentation or mixing, as it trains."""
+def lightning_train(
+    cfg: DictConfig, dm: BloodCellsDataModule, **settings: Any
+) -> tuple[float, str]:
+    """cellcls's own training (no validation), timed as `timed_pass` times the others, and the
+    data path (DEVICE or HOST) its batches took; with `settings` (the plain loop's), also without
+    augmentation or mixing, as it trains."""
     model_kwargs = (
         {"channels_last": settings.pop("channels_last"), "augment": None, "mix": None}
         if settings
@@ -177,7 +205,8 @@ def lightning_train(cfg: DictConfig, dm: BloodCellsDataModule, **settings: Any) 
         **settings,
     )
     trainer.fit(model, datamodule=dm)
-    return max(speed.img_s[1:])
+    path = DEVICE if isinstance(trainer.train_dataloader, DeviceBatches) else HOST
+    return max(speed.img_s[1:]), path
 
 
 def bench(cfg: DictConfig) -> dict[str, Any]:
@@ -196,34 +225,52 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     n = min(cfg.bench.n_images, len(dm.train_set))
     full = dm.train_set.dataset  # all of TRAIN, behind the random split
     indices = [dm.train_set.indices[i] for i in range(n)]
-    dm.train_set = Subset(dm.train_set, range(n))  # setup() keeps it: train_set is set
-    gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    # setup() keeps it: train_set is set. One Subset of the store, not a Subset of the split's
+    # Subset: the device store (`DeviceBatches`, `store_bytes`) reads rows of a store's Subset.
+    dm.train_set = Subset(full, indices)
+    gpu = uses_cuda(cfg.trainer.accelerator)
     device = torch.device("cuda" if gpu else "cpu")
 
     def to_device(batch: Any) -> Any:
         return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
-    r: dict[str, Any] = {}
+    # The data path of every row, keyed as the rows' figures are (without "_img_s").
+    r: dict[str, Any] = {"data_path": (paths := {})}
     log.info("ImageFolder, decode + resize every epoch (%d images) ...", n)
     folder_loader = tutorial_loader(dm, full, indices, workers=cpu_count())
     r["imagefolder_img_s"] = timed_pass(lambda: folder_loader, to_device, device)
+    paths["imagefolder"] = HOST  # PIL decodes on the host: always a copy per batch
     log.info("cellcls's cached pipeline ...")
     r["cached_img_s"] = timed_pass(dm.train_dataloader, to_device, device)
-    log.info("plain PyTorch loop, fp32 ...")
+    paths["cached"] = HOST  # no trainer yet: the DataLoader over the store, copied per batch
+    # The plain loop takes the Lightning rows' path: the device store where they get it.
+    paths["plain_torch_train"] = data_path(dm, device)
+    log.info("plain PyTorch loop, fp32, data path: %s ...", paths["plain_torch_train"])
     batch_size = dm.hparams.batch_size
-    r["plain_torch_train_img_s"] = plain_torch_train(cfg, full, indices, batch_size, device)
+    r["plain_torch_train_img_s"] = plain_torch_train(
+        cfg, full, indices, batch_size, device, paths["plain_torch_train"]
+    )
     log.info("Lightning with cellcls's defaults ...")
-    r["lightning_train_img_s"] = lightning_train(cfg, dm)
+    r["lightning_train_img_s"], paths["lightning_train"] = lightning_train(cfg, dm)
     log.info("Lightning with the plain loop's settings ...")
-    r["lightning_same_settings_img_s"] = lightning_train(
+    r["lightning_same_settings_img_s"], paths["lightning_same_settings"] = lightning_train(
         cfg, dm, precision="32-true", channels_last=False
     )
+    for row in ("lightning_train", "lightning_same_settings"):
+        if paths[row] != paths["plain_torch_train"]:
+            log.warning(
+                "%s took the %s path, the plain loop the %s one: not like with like",
+                *(row, paths[row], paths["plain_torch_train"]),
+            )
     r["keras_train_img_s"], r["keras_peer"] = None, "off (bench.keras=false)"
+    paths["keras_train"] = None
     if cfg.bench.keras:
         log.info("the tutorial's Keras/TensorFlow, in a subprocess ...")
         images = full.images[full.rows[indices]]
         peer = keras_train(images, full.targets[indices], cfg, cfg.bench.get("peer_python"))
         r["keras_train_img_s"], r["keras_peer"] = peer
+        # Keras batches the numpy arrays it is given on the host.
+        paths["keras_train"] = HOST if peer[0] is not None else None
         if peer[0] is None:
             log.warning("Keras peer %s", peer[1])
     keras = r["keras_train_img_s"]
@@ -244,19 +291,33 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def data_path_label(path: str | None, gpu: bool) -> str:
+    """The table's words for a row's data path (DEVICE, HOST, or None for a row not run)."""
+    if path is None:
+        return "-"
+    if path == DEVICE:
+        return "device store"
+    return "host -> GPU per batch" if gpu else "host, per batch"
+
+
 def format_results(r: dict[str, Any]) -> str:
-    """The speeds as a table, with the ratios the README quotes."""
+    """The speeds as a table, with each row's data path and the ratios the README quotes."""
     rows = [
-        ("ImageFolder + PIL, every epoch (data only)", r["imagefolder_img_s"]),
-        ("cellcls cached pipeline (data only)", r["cached_img_s"]),
-        ("plain PyTorch loop, fp32 (training)", r["plain_torch_train_img_s"]),
-        (f"cellcls Lightning, {r['precision']} (training)", r["lightning_train_img_s"]),
-        ("cellcls Lightning, plain loop's settings", r["lightning_same_settings_img_s"]),
-        ("the tutorial's Keras/TensorFlow (training)", r["keras_train_img_s"]),
+        ("ImageFolder + PIL, every epoch (data only)", "imagefolder"),
+        ("cellcls cached pipeline (data only)", "cached"),
+        ("plain PyTorch loop, fp32 (training)", "plain_torch_train"),
+        (f"cellcls Lightning, {r['precision']} (training)", "lightning_train"),
+        ("cellcls Lightning, plain loop's settings", "lightning_same_settings"),
+        ("the tutorial's Keras/TensorFlow (training)", "keras_train"),
     ]
-    lines = [f"{'pipeline':<46} {'img/s':>9}"]
-    lines += [f"{k:<46} {v:>9.1f}" if v else f"{k:<46} {'-':>9}" for k, v in rows]
+    gpu = not r["device"].startswith("cpu")
+    lines = [f"{'pipeline':<46} {'img/s':>9}  data"]
+    for name, row in rows:
+        v, path = r[f"{row}_img_s"], data_path_label(r["data_path"][row], gpu)
+        lines.append(f"{name:<46} {v:>9.1f}  {path}" if v else f"{name:<46} {'-':>9}  {path}")
     lines += [
+        "data: device store = the images copied once onto the training device, every batch "
+        "indexed there; host = every batch built on the host (ImageFolder always)",
         f"cached / ImageFolder: {r['cached_img_s'] / r['imagefolder_img_s']:.1f}x",
         f"Lightning / plain loop: {r['lightning_train_img_s'] / r['plain_torch_train_img_s']:.2f}x"
         f" (same settings: "

@@ -10,6 +10,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cellcls import bench
+from cellcls.data.cache import DeviceBatches, store_bytes
 from cellcls.models import SmallCNN
-from tests.conftest import CONF_DIR, FAST, compose_run, run_module
+from tests.conftest import CONF_DIR, FAST, compose_run, make_dm, run_module
 
 KEYS = (
     "imagefolder_img_s",
@@ -30,6 +32,16 @@ KEYS = (
     "lightning_over_keras",
     "lightning_same_settings_over_plain",
     "keras_peer",
+)
+
+# The rows of the table, as their figures are keyed (`<row>_img_s`) and their data paths.
+ROWS = (
+    "imagefolder",
+    "cached",
+    "plain_torch_train",
+    "lightning_train",
+    "lightning_same_settings",
+    "keras_train",
 )
 
 
@@ -67,6 +79,14 @@ def test_bench_prints_json_and_skips_keras_without_tensorflow(
     assert figures["n_images"] == 24 and figures["image_size"] == 32
     assert figures["batch_size"] == 16 and figures["peak_rss_mb"] > 0
     assert "cached / ImageFolder" in result.stdout
+    # On a CPU (data.on_device=auto) every row builds its batches on the host, and says so.
+    assert figures["data_path"] == {row: "host" for row in ROWS} | {"keras_train": None}
+    lines = result.stdout.splitlines()
+    top = lines.index(next(line for line in lines if line.split() == ["pipeline", "img/s", "data"]))
+    for line in lines[top + 1 : top + 6]:
+        assert line.endswith("  host, per batch"), line
+    assert lines[top + 6].endswith("  -")  # no Keras figure, no data path
+    assert lines[top + 7].startswith("data: device store = ")
     out = result.stdout + result.stderr
     assert "Keras peer skipped: No module named 'tensorflow'" in out
     assert 'pip install -e ".[peers]"' in out
@@ -223,3 +243,118 @@ def test_reuse_freed_memory_stops_page_faults_per_step() -> None:
     assert applied == "True"
     assert int(before) > 8 * 10_000  # every 80 MB block faulted in afresh (4 KiB pages)
     assert int(after) < int(before) / 4  # kept and reused (now and then one is faulted in again)
+
+
+def fake_cuda_memory(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """A CUDA device with `free` bytes free and nothing held by PyTorch's allocator (no GPU is
+    used: only the datamodule's fit-or-not question is answered)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+
+
+def test_data_path_is_the_datamodules_own_rule(
+    tiny_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    dm = make_dm(tiny_root)
+    dm.setup("fit")
+    need = store_bytes(dm.train_set)
+    fake_cuda_memory(monkeypatch, free=4 * need)
+    assert bench.data_path(dm, cuda) == bench.DEVICE  # fits in half the free memory
+    assert bench.data_path(dm, cpu) == bench.HOST  # auto: the device store is for GPUs
+    fake_cuda_memory(monkeypatch, free=need)
+    assert bench.data_path(dm, cuda) == bench.HOST  # over half of it: a DataLoader
+    assert dm.trainer is None  # the stand-in trainer is gone again
+    fake_cuda_memory(monkeypatch, free=4 * need)
+    dm.hparams.on_device = False
+    assert bench.data_path(dm, cuda) == bench.HOST
+    # Where a real trainer can run here, the answer is the loader Lightning gets.
+    for want in (True, "auto", False):
+        dm.hparams.on_device = want
+        path = bench.data_path(dm, cpu)
+        dm.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+        assert isinstance(dm.train_dataloader(), DeviceBatches) == (path == bench.DEVICE), want
+        dm.trainer = None
+
+
+def test_plain_loop_indexes_the_device_store_on_the_device(
+    tmp_path: Path, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the DEVICE path the batches the step gets are on the device already (here the meta
+    device, which holds no data: no GPU needed); with HOST they come from the host, as before."""
+    cfg = tutorial_cfg(tmp_path, "model.optimizer.fused=false")  # no fused Adam on meta
+    dm = make_dm(tiny_root)
+    dm.setup("fit")
+    full, indices = dm.train_set.dataset, dm.train_set.indices[:10]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    timed_pass = bench.timed_pass
+
+    def watched(batches, step, device) -> float:
+        def recorded():
+            for batch in batches():
+                seen.append(batch)
+                yield batch
+
+        return timed_pass(recorded, step, device)
+
+    monkeypatch.setattr(bench, "timed_pass", watched)
+    meta = torch.device("meta")
+    assert bench.plain_torch_train(cfg, full, indices, 4, meta, bench.DEVICE) > 0
+    assert len(seen) == bench.PASSES * 3 and [len(y) for _, y in seen[:3]] == [4, 4, 2]
+    assert all(x.device == meta and y.device == meta for x, y in seen)
+    seen.clear()
+    assert bench.plain_torch_train(cfg, full, indices, 4, meta, bench.HOST) > 0
+    assert all(x.device.type == "cpu" and y.device.type == "cpu" for x, y in seen)
+
+    # Both paths give the same images in the same order, every image once a pass.
+    images, labels = full.images[full.rows[indices]], full.targets[indices]
+    epochs = {}
+    for path in (bench.HOST, bench.DEVICE):
+        seen.clear()
+        torch.manual_seed(0)
+        bench.plain_torch_train(cfg, full, indices, 4, torch.device("cpu"), path)
+        epochs[path] = torch.cat([y for _, y in seen]), torch.cat([x for x, _ in seen])
+    assert all(torch.equal(a, b) for a, b in zip(*epochs.values(), strict=True))
+    for i in range(bench.PASSES):
+        y, x = (t[i * len(indices) : (i + 1) * len(indices)] for t in epochs[bench.HOST])
+        assert torch.equal(y.sort().values, labels.sort().values)
+        assert torch.equal(
+            x.flatten(1).sum(1).sort().values, images.flatten(1).sum(1).sort().values
+        )
+
+
+def test_bench_plain_loop_follows_the_lightning_rows_onto_the_device_store(in_tmp: Path) -> None:
+    """data.on_device=true puts the store on the training device, here the CPU: the Lightning
+    rows get `DeviceBatches`, so the plain loop indexes its copy there too; the JSON and the
+    table name every row's path."""
+    overrides = [
+        *(a for a in FAST if not a.startswith("callbacks.")),
+        "data.n_train=16",
+        "data.n_test=2",
+        "data.image_size=32",
+        "data.on_device=true",
+        "bench.n_images=24",
+        "bench.keras=false",
+    ]
+    r = bench.bench(compose_run(overrides, in_tmp, "bench"))
+    host, device = bench.HOST, bench.DEVICE
+    assert r["data_path"] == {
+        "imagefolder": host,
+        "cached": host,
+        "plain_torch_train": device,
+        "lightning_train": device,
+        "lightning_same_settings": device,
+        "keras_train": None,
+    }
+    assert json.loads(json.dumps(r))["data_path"] == r["data_path"]
+    table = bench.format_results(r).splitlines()
+    assert table[0].split() == ["pipeline", "img/s", "data"]
+    assert [line.rsplit("  ", 1)[-1] for line in table[1:7]] == [
+        *("host, per batch",) * 2,
+        *("device store",) * 3,
+        "-",
+    ]
+    on_gpu = bench.format_results(r | {"device": "NVIDIA H200"}).splitlines()
+    assert on_gpu[1].endswith("host -> GPU per batch")  # ImageFolder: always a copy per batch
+    assert on_gpu[3].endswith("device store")
