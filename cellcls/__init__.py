@@ -21,13 +21,15 @@ def register_resolvers() -> None:
     """The resolvers cellcls's configs use.
 
     `${len:${data.classes}}` derives numbers from lists instead of repeating them;
-    `${auto_precision:${trainer.accelerator}}` picks bf16/16-mixed or 32-true. Importing cellcls
+    `${auto_precision:${trainer.accelerator}}` picks bf16/16-mixed or 32-true; `${not:...}`
+    negates a setting (cuDNN's benchmark is off when determinism is asked for). Importing cellcls
     registers them, and so does Hydra itself when it starts: it imports every module under
     `hydra_plugins/`, cellcls's `hydra_plugins/cellcls_resolvers.py` included. So configs composed
     with Hydra's Compose API resolve without importing cellcls first.
     """
     OmegaConf.register_new_resolver("len", len, replace=True)
     OmegaConf.register_new_resolver("auto_precision", _auto_precision, replace=True)
+    OmegaConf.register_new_resolver("not", lambda value: not value, replace=True)
 
 
 register_resolvers()

@@ -12,10 +12,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cellcls.checkpoint import CONFIG_KEY
+from cellcls.hardware import synchronize
 from cellcls.report import format_table, plot_crops, plot_curves, write_report
 
 log = logging.getLogger(__name__)
@@ -26,12 +28,15 @@ class EpochSpeed(L.Callback):
 
     Validation is excluded, so the figures describe training throughput alone. A run resumed
     mid-epoch starts without `on_train_epoch_start`: its first figures cover the rest of it.
+    On a GPU the clock is read after the device has finished its queued work (at the start and
+    after the epoch's last batch), or it would time the kernel launches, not the maths.
     """
 
     def __init__(self) -> None:
         self.img_s: list[float] = []  # this process's images per second, one per epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(pl_module.device)
         self._start = self._end = time.perf_counter()
         self._images = 0
 
@@ -46,6 +51,8 @@ class EpochSpeed(L.Callback):
         batch_idx: int,
     ) -> None:
         self._images += len(batch[1])
+        if batch_idx + 1 >= trainer.num_training_batches:
+            synchronize(pl_module.device)
         self._end = time.perf_counter()  # validation runs before on_train_epoch_end
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -229,18 +236,45 @@ class CheckpointOnInterrupt(L.Callback):
             log.warning("Training interrupted at epoch %d; saved %s", trainer.current_epoch, path)
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python from `(seed, rank)`: apart for each process,
+    the same for the same pair (the rank-offset idiom of Lightning's `workers=True`)."""
+    torch_seed, numpy_seed = np.random.SeedSequence([seed, rank]).generate_state(2, np.uint64)
+    torch.manual_seed(int(torch_seed))
+    np.random.seed(int(numpy_seed) % 2**32)
+    random.seed(int(torch_seed))
+
+
 class RngState(L.Callback):
-    """Keep the random generators' states (torch, numpy, Python) in checkpoints.
+    """Seed each DDP process's generators apart, and keep their states in checkpoints.
+
+    `seed_everything` gives every process the same seed, so every rank would draw the same
+    augmentation (it draws on the device's generator, not in DataLoader workers): with several
+    processes each is re-seeded from (`seed`, rank) when fitting starts. One process keeps
+    `seed_everything`'s streams, as before.
 
     Lightning restores weights, optimizer and loops but not the generators, so without this a
-    resumed run would shuffle and augment differently from the run it continues.
+    resumed run would shuffle and augment differently from the run it continues. Checkpoints
+    hold rank 0's states (only rank 0 writes them) and its own GPU's: a one-device run resumes
+    its streams exactly; under DDP rank 0 does, and the other ranks draw new, distinct streams
+    from them. Any number of devices can resume any checkpoint.
     """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.rank, self.world_size = 0, 1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        if stage == TrainerFn.FITTING and self.world_size > 1:
+            seed_rank(self.seed, self.rank)
 
     def state_dict(self) -> dict[str, Any]:
         kind, keys, *rest = np.random.get_state()
         return {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # This process's GPU's generator (one GPU per process).
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             # numpy's keys as a list: an ndarray would not load with weights_only=True.
             "numpy": [kind, keys.tolist(), *rest],
             "python": random.getstate(),
@@ -248,8 +282,29 @@ class RngState(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         torch.set_rng_state(state_dict["torch"])
-        if state_dict["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        cuda = state_dict["cuda"]
+        if isinstance(cuda, list):  # older checkpoints: every GPU of the machine
+            cuda = cuda[0] if cuda else None
+        if cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)
         kind, keys, *rest = state_dict["numpy"]
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
         random.setstate(state_dict["python"])
+        if self.rank > 0:  # rank 0's states: draw this rank's own from them
+            seed_rank(int(torch.randint(2**62, ())), self.rank)
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's EMA of the weights, but testing, validating or predicting from a checkpoint
+    uses the averaged weights it holds in `state_dict`, as `cellcls.eval` does.
+
+    Lightning's callback reloads the raw weights (`current_model_state`) whenever it loads a
+    checkpoint after a fit, so `trainer.test(ckpt_path=best)` in the same run scored them. The
+    raw weights are what a resumed fit continues from, so they are reloaded when fitting only.
+    """
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

@@ -19,15 +19,42 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# bf16 maths in hardware (tensor cores, cuDNN's bf16 kernels) starts with Ampere.
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+def uses_cuda(accelerator: str = "auto") -> bool:
+    """Whether a run with Lightning's `accelerator` trains on a CUDA GPU."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def auto_precision(accelerator: str = "auto") -> str:
     """Lightning `precision` for `accelerator`: bf16-mixed where the hardware has bf16 maths
     (Ampere and newer GPUs, CPUs with AVX512-BF16/AMX), 16-mixed on older GPUs such as the T4,
     32-true otherwise. On this project's CPU bf16-mixed measured faster at equal accuracy
-    (see the README's performance section)."""
-    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if gpu:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    (see the README's performance section).
+
+    Not `torch.cuda.is_bf16_supported()`: by default it counts emulation, so it says True on a
+    T4 (compute capability 7.5), whose bf16 convolutions then leave cuDNN for slow fallbacks.
+    """
+    if uses_cuda(accelerator):
+        native = torch.cuda.get_device_capability() >= NATIVE_BF16_CAPABILITY
+        return "bf16-mixed" if native else "16-mixed"
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes a new tensor can take on CUDA `device`: the driver's free memory plus what PyTorch's
+    caching allocator holds reserved but unused (the driver counts that as used, so after a fit,
+    or in the next trial of a search, `mem_get_info` alone under-counts)."""
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + cached
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the queued work of `device` (a no-op off CUDA), before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # glibc's mallopt parameters (malloc.h).

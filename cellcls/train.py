@@ -20,7 +20,7 @@ from cellcls.callbacks import RngState, SaveConfig
 from cellcls.checkpoint import restore
 from cellcls.config_tree import print_config_tree
 from cellcls.errors import CellclsError, exit_on_user_error, is_number, is_whole, require
-from cellcls.hardware import reuse_freed_memory
+from cellcls.hardware import reuse_freed_memory, uses_cuda
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,32 @@ def check_settings(cfg: DictConfig) -> None:
         value = optimizer.get(key)
         ok = is_number(value) and (value > 0 if key == "lr" else value >= 0)
         require(value is None or ok, f"model.optimizer.{key}", value, f"a number {low}")
+    check_gpu_settings(cfg)
+
+
+# Precisions that train with a GradScaler (16-bit loss scaling).
+SCALED = ("16-mixed", "16")
+
+
+def check_gpu_settings(cfg: DictConfig) -> None:
+    """Combinations that Lightning or PyTorch stop on only after the data is ready."""
+    precision, clip = str(cfg.trainer.get("precision")), cfg.trainer.get("gradient_clip_val")
+    fused = (cfg.model.get("optimizer") or {}).get("fused")
+    if fused and clip and precision in SCALED:  # the scaler unscales inside a fused step
+        raise CellclsError(
+            f"model.optimizer.fused=true, trainer.precision={precision} and "
+            f"trainer.gradient_clip_val={clip} do not go together: Lightning cannot clip the "
+            "gradients of a fused optimizer under 16-bit loss scaling. Set "
+            "model.optimizer.fused=false (or trainer.gradient_clip_val=null, or "
+            "trainer.precision=bf16-mixed where the GPU has bf16)."
+        )
+    if cfg.trainer.get("deterministic") is True and uses_cuda(cfg.trainer.accelerator):
+        raise CellclsError(
+            "trainer.deterministic=true stops at the first backward pass on a GPU for every "
+            "network with AdaptiveAvgPool2d (smallcnn_bn, resnet18, efficientnet_b0, "
+            "convnext_tiny): it has no deterministic CUDA kernel. Use trainer.deterministic=warn "
+            "(deterministic kernels wherever they exist, a warning where not)."
+        )
 
 
 def resume_path(cfg: DictConfig) -> str | None:
@@ -94,7 +120,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         model = instantiate(cfg.model, _convert_="object")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     run_config = {k: OmegaConf.to_container(run[k], resolve=True) for k in ("data", "model")}
-    callbacks += [SaveConfig(run_config), RngState(), *extra_callbacks]
+    callbacks += [SaveConfig(run_config), RngState(cfg.seed), *extra_callbacks]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 

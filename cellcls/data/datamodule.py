@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
@@ -26,6 +25,7 @@ from cellcls.data.generate import generate_dataset
 from cellcls.data.groups import grouped_split, load_groups, random_indices, shared_groups
 from cellcls.data.layout import check_classes, find_split_root, warn_not_images
 from cellcls.errors import CellclsError, is_number, is_whole, require
+from cellcls.hardware import free_device_memory
 from cellcls.report import list_unreadable, write_unreadable
 
 log = logging.getLogger(__name__)
@@ -323,8 +323,8 @@ class BloodCellsDataModule(L.LightningDataModule):
             return [samples[i][0] for i in self.test_set.indices]
         return [path for path, _ in self.test_set.samples]  # type: ignore[attr-defined]
 
-    def _on_device(self, dataset: Dataset) -> bool:
-        """Whether this split's images go onto the training device (`on_device`)."""
+    def _on_device(self, dataset: Dataset, name: str = "images") -> bool:
+        """Whether this split's images go onto the training device (`on_device`); logged."""
         want, trainer = self.hparams.on_device, self.trainer
         if want is False or self.hparams.cache is None or trainer is None or dataset is None:
             return False
@@ -335,18 +335,29 @@ class BloodCellsDataModule(L.LightningDataModule):
         device = trainer.strategy.root_device
         if want is True:
             return True
-        return (
-            device.type == "cuda"
-            and store_bytes(dataset) < DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
-        )
+        if device.type != "cuda":
+            return False
+        need, free = store_bytes(dataset), free_device_memory(device)
+        fits = need < DEVICE_SHARE * free
+        if not fits:
+            log.info(
+                "%s: %.2f GB of images would take over half of the %.2f GB free on %s: they stay "
+                "on the host, batches come through a DataLoader",
+                *(name, need / 1e9, free / 1e9, device),
+            )
+        return fits
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader | DeviceBatches:
-        if self._on_device(dataset):
+    def _loader(
+        self, dataset: Dataset | None, name: str, shuffle: bool = False
+    ) -> DataLoader | DeviceBatches:
+        if self._on_device(dataset, name):
             device = self.trainer.strategy.root_device  # type: ignore[union-attr]
+            # Lightning's overfit_batches turns a DataLoader's shuffling off; this is not one.
+            shuffle = shuffle and not getattr(self.trainer, "overfit_batches", 0)
             batches = DeviceBatches(dataset, self.hparams.batch_size, device, shuffle)
             log.info(
-                "%d images (%.2f GB) on %s: batches are indexed there, no DataLoader",
-                *(len(batches.targets), batches.images.nbytes / 1e9, device),
+                "%s: %d images (%.2f GB) on %s: batches are indexed there, no DataLoader",
+                *(name, len(batches.targets), batches.images.nbytes / 1e9, device),
             )
             return batches
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
@@ -368,13 +379,13 @@ class BloodCellsDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, "train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._loader(self.val_set)
+        return self._loader(self.val_set, "val")
 
     def test_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._loader(self.test_set)
+        return self._loader(self.test_set, "test")
 
 
 class SyntheticDataModule(BloodCellsDataModule):
