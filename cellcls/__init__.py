@@ -12,7 +12,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _auto_precision(accelerator: str) -> str:
-    from cellcls.hardware import auto_precision  # imports torch: only when a config asks
+    from cellcls.core.hardware import auto_precision  # imports torch: only when a config asks
 
     return auto_precision(accelerator)
 

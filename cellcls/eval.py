@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cellcls import CONFIG_DIR
-from cellcls.checkpoint import restore
-from cellcls.config_tree import print_config_tree
-from cellcls.errors import exit_on_user_error, require, require_given
+from cellcls.core.errors import exit_on_user_error, require, require_given
+from cellcls.run.checkpoint import restore
+from cellcls.run.config_tree import print_config_tree
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from cellcls import CONFIG_DIR
-from cellcls.checkpoint import restore
-from cellcls.config_tree import print_config_tree
-from cellcls.errors import CellclsError, exit_on_user_error, require_given
+from cellcls.core.errors import CellclsError, exit_on_user_error, require_given
+from cellcls.run.checkpoint import restore
+from cellcls.run.config_tree import print_config_tree
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"

@@ -22,11 +22,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cellcls import CONFIG_DIR
-from cellcls.config_tree import print_config_tree
+from cellcls.core.errors import exit_on_user_error
 from cellcls.data.datamodule import BloodCellsDataModule
-from cellcls.data.groups import grouped_split, random_indices, shared_groups, write_groups_csv
-from cellcls.errors import exit_on_user_error
-from cellcls.report import plot_groups
+from cellcls.data.matching import write_groups_csv
+from cellcls.data.splits import grouped_split, random_indices, shared_groups
+from cellcls.reports.plots import plot_groups
+from cellcls.run.config_tree import print_config_tree
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def report(cfg: DictConfig, out: Path) -> dict[str, Any]:
     dm: BloodCellsDataModule = instantiate(cfg.data, _convert_="object")
     dm.prepare_data()  # generated data is written on first use
     split = cfg.data.split
-    groups = dm.source_groups(split)
+    groups = dm.source_groups(split, write=True)
     paths, ids = list(groups), np.array(list(groups.values()))
     classes = [Path(p).parent.name for p in paths]
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ def report(cfg: DictConfig, out: Path) -> dict[str, Any]:
         )
     if cfg.get("against"):
         other = cfg.against
-        both = dm.source_groups(split, other)
+        both = dm.source_groups(split, other, write=True)
         union = np.array(list(both.values()))
         mine = np.arange(len(groups))
         theirs = np.arange(len(groups), len(union))

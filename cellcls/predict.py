@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from cellcls import CONFIG_DIR
-from cellcls.checkpoint import restore
-from cellcls.config_tree import print_config_tree
-from cellcls.data.cache import ImageFiles
-from cellcls.data.datamodule import batch_as_is
-from cellcls.errors import CellclsError, exit_on_user_error, is_whole, require, require_given
-from cellcls.report import list_unreadable, write_predictions, write_unreadable
+from cellcls.core.errors import CellclsError, exit_on_user_error, is_whole, require, require_given
+from cellcls.data.datasets import ImageFiles, batch_as_is
+from cellcls.data.decode import list_unreadable, write_unreadable
+from cellcls.reports.metrics import write_predictions
+from cellcls.run.checkpoint import restore
+from cellcls.run.config_tree import print_config_tree
 
 log = logging.getLogger(__name__)
 

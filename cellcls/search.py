@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
 from cellcls import CONFIG_DIR
-from cellcls.config_tree import print_config_tree
-from cellcls.errors import exit_on_user_error
+from cellcls.core.errors import exit_on_user_error
+from cellcls.run.config_tree import print_config_tree
 from cellcls.summary import record_job, write_summary
 from cellcls.train import train
 

@@ -16,11 +16,11 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from cellcls import CONFIG_DIR
-from cellcls.callbacks import RngState, SaveConfig
-from cellcls.checkpoint import restore
-from cellcls.config_tree import print_config_tree
-from cellcls.errors import CellclsError, exit_on_user_error, is_number, is_whole, require
-from cellcls.hardware import reuse_freed_memory, uses_cuda
+from cellcls.core.errors import CellclsError, exit_on_user_error, is_number, is_whole, require
+from cellcls.core.hardware import reuse_freed_memory, uses_cuda
+from cellcls.run.checkpoint import restore
+from cellcls.run.config_tree import print_config_tree
+from cellcls.run.state import RngState, SaveConfig
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     check_settings(cfg)
     ckpt_path = resume_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    reuse_freed_memory()  # ~20% of a CPU step is page faults otherwise (see cellcls.hardware)
+    reuse_freed_memory()  # ~20% of a CPU step is page faults otherwise (see cellcls.core.hardware)
     if ckpt_path:  # refuses files that carry code, and weights that do not fit, before Lightning
         restored = restore(ckpt_path, cfg, HydraConfig.get().overrides.task)
         run, model, datamodule = restored.config, restored.model, restored.datamodule

@@ -28,6 +28,11 @@ FAST = [
 ]
 
 
+def options(group: str) -> list[str]:
+    """The choices of config group `group` (`_name.yaml` files are parts others extend)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 TRAIN and 2 TEST images per class in the Kaggle layout."""

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
 from cellcls.models import BatchAugment, CellClassifier, SmallCNNBN
 from cellcls.train import train
 from tests.conftest import CLASSES, FAST, compose_run, last_value, make_dm

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cellcls.data.cache import DecodeImage, load_images
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
+from cellcls.data.decode import DecodeImage
+from cellcls.data.store import load_images
 from tests.conftest import FAST, make_dm, run_module
 
 # File name -> the words its reason must contain.
@@ -122,11 +123,15 @@ def test_bad_file_in_cache_is_remembered_not_left_half_written(messy: Path, tmp_
 
 def test_skipping_reuses_the_store_the_failed_run_built(messy: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
+    failed = make_dm(messy, cache="disk", cache_dir=store)
+    failed.prepare_data()  # writes the store; setup reads it and stops on the bad files
     with pytest.raises(CellclsError):
-        make_dm(messy, cache="disk", cache_dir=store).setup("fit")
+        failed.setup("fit")
     (npy,) = store.glob("TRAIN-*.npy")
     built = npy.stat().st_mtime_ns
-    make_dm(messy, cache="disk", cache_dir=store, skip_bad_images=True).setup("fit")
+    skipping = make_dm(messy, cache="disk", cache_dir=store, skip_bad_images=True)
+    skipping.prepare_data()
+    skipping.setup("fit")
     assert list(store.glob("TRAIN-*.npy")) == [npy] and npy.stat().st_mtime_ns == built
     assert not list(store.glob("*.tmp*"))
 

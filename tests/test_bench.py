@@ -18,9 +18,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cellcls import bench
-from cellcls.data.cache import DeviceBatches, store_bytes
+from cellcls.bench import keras
+from cellcls.bench.keras import keras_train
+from cellcls.data.datasets import store_bytes
+from cellcls.data.device import DeviceBatches
 from cellcls.models import SmallCNN
-from tests.conftest import CONF_DIR, FAST, compose_run, make_dm, run_module
+from tests.conftest import FAST, compose_run, make_dm, options, run_module
 
 KEYS = (
     "imagefolder_img_s",
@@ -116,39 +119,39 @@ def test_keras_peer_protocol_with_a_stand_in(
     cfg = tutorial_cfg(tmp_path)
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
-    monkeypatch.setattr(bench, "KERAS_PEER", script)
+    monkeypatch.setattr(keras, "KERAS_PEER", script)
     images = torch.full((5, 3, 32, 32), 2, dtype=torch.uint8)  # NCHW, as the store gives them
     images[0, :, 0, 0] = torch.tensor([7, 8, 9])
-    img_s, what = bench.keras_train(images, torch.arange(5), cfg)
+    img_s, what = keras_train(images, torch.arange(5), cfg)
     assert img_s == 7.0  # the best epoch after the first, from an NHWC copy of the images
     assert what == f"TensorFlow t, Keras k, {torch.get_num_threads()} threads"
 
     script.write_text("import sys; print('boom', file=sys.stderr); sys.exit(3)")
-    img_s, what = bench.keras_train(images, torch.arange(5), cfg)
+    img_s, what = keras_train(images, torch.arange(5), cfg)
     assert img_s is None and "exit status 3" in what and "boom" in what
 
 
 def test_keras_peer_skips_without_tensorflow(tmp_path: Path, no_tensorflow: None) -> None:
     images = torch.zeros((4, 3, 32, 32), dtype=torch.uint8)
-    img_s, what = bench.keras_train(images, torch.arange(4), tutorial_cfg(tmp_path), sys.executable)
+    img_s, what = keras_train(images, torch.arange(4), tutorial_cfg(tmp_path), sys.executable)
     assert img_s is None
     assert what.startswith("skipped: No module named 'tensorflow'") and "[peers]" in what
 
 
 def test_keras_peer_only_for_the_tutorial_network(tmp_path: Path) -> None:
     cfg = tutorial_cfg(tmp_path, "model.net.hidden=64")
-    img_s, what = bench.keras_train(torch.zeros((2, 3, 32, 32), dtype=torch.uint8), [0, 1], cfg)
+    img_s, what = keras_train(torch.zeros((2, 3, 32, 32), dtype=torch.uint8), [0, 1], cfg)
     assert img_s is None and "model=smallcnn" in what
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+@pytest.mark.parametrize("option", options("model"))
 def test_bench_takes_every_model_option(option: str, tmp_path: Path) -> None:
     cfg = tutorial_cfg(tmp_path, f"model={option}")
     net = instantiate(cfg.model.net)
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, len(cfg.data.classes))
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("name", options("experiment"))
 def test_bench_takes_every_experiment(name: str, tmp_path: Path) -> None:
     cfg = compose_run([f"experiment={name}"], tmp_path, "bench")
     train = compose_run([f"experiment={name}"], tmp_path)
@@ -222,7 +225,7 @@ def test_speed_settings_train_the_same_weights(kwargs: dict, channels_last: bool
 
 REUSE = """
 import resource, torch
-from cellcls.hardware import reuse_freed_memory
+from cellcls.core.hardware import reuse_freed_memory
 def faults():
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(8):

@@ -16,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cellcls.data.cache import DecodeImage, load_images
+from cellcls.core.errors import CellclsError
 from cellcls.data.datamodule import BloodCellsDataModule
-from cellcls.errors import CellclsError
+from cellcls.data.decode import DecodeImage
+from cellcls.data.store import load_images
 from tests.conftest import CLASSES, FAST, run_module
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellcls.checkpoint import restore
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
 from cellcls.eval import evaluate
 from cellcls.export import export
 from cellcls.predict import predict
+from cellcls.run.checkpoint import restore
 from cellcls.train import train
 from tests.conftest import CLASSES, best_checkpoint, compose_run
 

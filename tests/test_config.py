@@ -8,10 +8,10 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, compose_run
+from tests.conftest import CONF_DIR, compose_run, options
 
 GROUPS = {
-    group.name: sorted(p.stem for p in group.glob("*.yaml"))
+    group.name: options(group.name)
     for group in CONF_DIR.iterdir()
     # hparams_search belongs to the search config (tests/test_search.py).
     if group.is_dir() and group.name not in ("hydra", "hparams_search")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellcls.checkpoint import restore
+from cellcls.core.errors import CellclsError
 from cellcls.data.crop import find_cell, square_box
 from cellcls.data.generate import generate_dataset, read_sources
-from cellcls.errors import CellclsError
+from cellcls.run.checkpoint import restore
 from tests.conftest import FAST, best_checkpoint, make_dm, run_module
 
 
@@ -52,6 +52,7 @@ def test_crop_is_part_of_the_store_and_cells_not_found_are_listed(
     blank = root / "TRAIN" / "EOSINOPHIL" / "blank.jpeg"
     Image.new("RGB", (320, 240), (220, 215, 210)).save(blank)
     dm = make_dm(root, crop=80, cache="disk", cache_dir=tmp_path / "store", val_split="random")
+    dm.prepare_data()
     dm.setup("fit")
     assert dm.centred == {"TRAIN": [str(blank)]}
     x, _ = dm.train_set[0]
@@ -59,7 +60,7 @@ def test_crop_is_part_of_the_store_and_cells_not_found_are_listed(
     stores = sorted(p.name for p in (tmp_path / "store").glob("TRAIN-*.npy"))
     assert len(stores) == 1 and "-32px-crop80-" in stores[0]
     whole = make_dm(root, cache="disk", cache_dir=tmp_path / "store", val_split="random")
-    whole.setup("fit")  # the whole image is another store
+    whole.prepare_data()  # the whole image is another store
     assert len(list((tmp_path / "store").glob("TRAIN-*.npy"))) == 2
     with pytest.raises(CellclsError, match="data.crop"):
         make_dm(root, crop="wbc")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
 from tests.conftest import CLASSES, CONF_DIR, make_dm
 
 
@@ -22,10 +22,10 @@ def test_splits_shapes_dtype_range(tiny_root: Path) -> None:
     assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(4))
 
 
-def test_readme_says_what_the_datamodule_yields() -> None:
-    readme = (CONF_DIR.parent / "README.md").read_text()
-    assert "The datamodule yields uint8 images (0-255)" in readme  # as the test above checks
-    assert "yields images in [0, 1]" not in readme
+def test_docs_say_what_the_datamodule_yields() -> None:
+    docs = (CONF_DIR.parent / "docs" / "configuration.md").read_text()
+    assert "The datamodule yields uint8 images (0-255)" in docs  # as the test above checks
+    assert "yields images in [0, 1]" not in docs
 
 
 def test_split_is_seeded_and_disjoint(tiny_root: Path) -> None:
@@ -126,3 +126,24 @@ def test_test_stage_needs_only_its_split(tiny_root: Path, tmp_path: Path) -> Non
     assert len(dm.test_set) == 8 and dm.train_set is None
     assert all(Path(p).parts[-3] == "OTHER" for p in dm.test_paths)
     assert "TRAIN/" in setup_error(tmp_path, split="OTHER")  # fitting still needs TRAIN
+
+
+def test_prepare_data_writes_and_setup_reads(tiny_root: Path, tmp_path: Path) -> None:
+    """Lightning's contract: prepare_data writes files and sets no state; setup reads them,
+    and without them (no prepare_data) decodes and groups in memory, writing nothing."""
+    store = tmp_path / "store"
+    dm = make_dm(tiny_root, cache="disk", cache_dir=store)
+    dm.prepare_data()
+    assert dm.train_set is None and dm.test_set is None
+    written = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    assert any(n.startswith("TRAIN-") and n.endswith(".npy") for n in written)
+    assert any(n.startswith("TEST-") and n.endswith(".npy") for n in written)
+    assert any(n.startswith("groups-") for n in written)
+    dm.setup("fit")
+    dm.setup("test")
+    assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == written  # read only
+    fresh = tmp_path / "fresh"
+    alone = make_dm(tiny_root, cache="disk", cache_dir=fresh)
+    alone.setup("fit")
+    assert not fresh.exists() and len(alone.train_set) == len(dm.train_set)
+    assert alone.train_set.indices == dm.train_set.indices

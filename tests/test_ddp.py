@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
 from cellcls.train import check_ddp_launch
 from tests.conftest import CONF_DIR, FAST, make_dm, run_module
 

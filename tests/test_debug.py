@@ -15,13 +15,9 @@ import pytest
 import torch
 
 from cellcls.train import train
-from tests.conftest import CONF_DIR, FAST, compose_run, last_value
+from tests.conftest import FAST, compose_run, last_value, options
 
-OPTIONS = [
-    f"{group}={p.stem}"
-    for group in ("model", "augment", "mix", "experiment")
-    for p in (CONF_DIR / group).glob("*.yaml")
-]
+OPTIONS = [f"{g}={o}" for g in ("model", "augment", "mix", "experiment") for o in options(g)]
 # 8 TRAIN and 3 TEST images per class (source cells of 5 copies; whole cells held out for
 # validation) and 12 for testing.
 TINY = [*FAST, "data.n_train=8", "data.n_test=3", "data.image_size=32"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cellcls.data.cache import DeviceBatches
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
+from cellcls.data.device import DeviceBatches
 from cellcls.train import train
 from tests.conftest import FAST, compose_run, make_dm
 

@@ -18,8 +18,8 @@ import requests
 from kagglehub.clients import ColabClient
 from kagglehub.exceptions import KaggleApiHTTPError
 
+from cellcls.core.errors import CellclsError
 from cellcls.data.download import HANDLE
-from cellcls.errors import CellclsError
 from cellcls.train import train
 from tests.conftest import FAST, compose_run, make_dm
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cellcls.config_tree import print_config_tree
+from cellcls.run.config_tree import print_config_tree
 from tests.conftest import CONF_DIR, FAST, compose_run
 
 ROOT = CONF_DIR.parent

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cellcls.checkpoint import restore
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
+from cellcls.run.checkpoint import restore
 from tests.conftest import CLASSES, FAST, best_checkpoint, run_module
 
 EVAL_FAST = [a for a in FAST if not a.startswith(("data=", "data.image_size"))]

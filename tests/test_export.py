@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from cellcls.checkpoint import load_checkpoint
 from cellcls.export import load_exported
+from cellcls.run.checkpoint import load_checkpoint
 from tests.conftest import CLASSES, best_checkpoint, run_module
 
 

@@ -12,12 +12,13 @@ import lightning as L
 import pytest
 import torch
 
-from cellcls.callbacks import EpochSpeed, RngState
-from cellcls.data.cache import DeviceBatches
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
+from cellcls.core.hardware import auto_precision
+from cellcls.data.device import DeviceBatches
 from cellcls.eval import evaluate
-from cellcls.hardware import auto_precision
 from cellcls.models import CellClassifier, SmallCNN
+from cellcls.run.callbacks import EpochSpeed
+from cellcls.run.state import RngState
 from cellcls.train import check_settings, train
 from tests.conftest import CLASSES, FAST, best_checkpoint, compose_run, make_dm
 

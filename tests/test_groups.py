@@ -13,9 +13,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from cellcls.data import groups as groups_module
+from cellcls.data import matching
 from cellcls.data.generate import generate_dataset, read_sources
-from cellcls.data.groups import find_groups, grouped_split, load_groups, shared_groups
+from cellcls.data.matching import find_groups, load_groups
+from cellcls.data.splits import grouped_split, shared_groups
 from cellcls.groups import report
 from tests.conftest import CONF_DIR, FAST, make_dm, run_module
 
@@ -81,6 +82,7 @@ def test_a_class_with_one_group_still_trains() -> None:
 
 def test_datamodule_holds_out_whole_groups(copies_root: Path, tmp_path: Path) -> None:
     dm = make_dm(copies_root, val_split="grouped", cache_dir=tmp_path, seed=5)
+    dm.prepare_data()
     dm.setup("fit")
     groups = dm.source_groups("TRAIN")
     samples = dm.train_set.dataset.samples
@@ -104,7 +106,7 @@ def test_random_split_is_todays_split(copies_root: Path) -> None:
 
 
 def test_bad_val_split_setting(copies_root: Path) -> None:
-    from cellcls.errors import CellclsError
+    from cellcls.core.errors import CellclsError
 
     with pytest.raises(CellclsError, match="data.val_split='leave-one-out' is not accepted"):
         make_dm(copies_root, val_split="leave-one-out")
@@ -117,7 +119,7 @@ def test_cached_groups_are_reused(copies_root: Path, tmp_path: Path, monkeypatch
     def fail(*args, **kwargs):
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(groups_module, "find_groups", fail)
+    monkeypatch.setattr(matching, "find_groups", fail)
     assert load_groups(paths, tmp_path, name="TEST", progress=False).tolist() == first.tolist()
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
 from cellcls.models import SmallCNN
 
 

@@ -12,9 +12,9 @@ import torch
 import torchvision
 from hydra.utils import instantiate
 
-from cellcls.checkpoint import restore
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
 from cellcls.models import SmallCNNBN, torchvision_net
+from cellcls.run.checkpoint import restore
 from cellcls.train import train
 from tests.conftest import FAST, compose_run
 

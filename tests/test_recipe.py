@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
 from cellcls.eval import evaluate
 from cellcls.models import CellClassifier, SmallCNNBN
 from cellcls.predict import predict

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from cellcls.callbacks import TestReport as Report  # (not a test class)
-from cellcls.report import classification_metrics, format_table, plot_curves, write_report
+from cellcls.reports.metrics import classification_metrics, format_table, write_report
+from cellcls.reports.plots import plot_curves
+from cellcls.run.callbacks import TestReport as Report  # (not a test class)
 
 CLASSES = ["A", "B", "C"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellcls.callbacks import RngState
+from cellcls.run.state import RngState
 from tests.conftest import FAST, run_module
 
 # A callback that sends this very process a real SIGTERM in the middle of an epoch.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cellcls.errors import exit_on_user_error
+from cellcls.core.errors import exit_on_user_error
 from cellcls.train import train
 from tests.conftest import FAST, compose_run, run_module
 

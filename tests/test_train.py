@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from cellcls.train import train
@@ -76,3 +77,16 @@ def test_multirun_one_folder_per_job(tmp_path: Path, synthetic_cache: Path) -> N
     # Both jobs used the one dataset generated for these settings.
     dataset = synthetic_cache / "synthetic-8-2-x5-seed0"
     assert len(list((dataset / "TRAIN" / "MONOCYTE").iterdir())) == 8
+
+
+def test_the_same_command_repeats_on_the_cpu(in_tmp: Path) -> None:
+    """Same seed, same machine: the same test probabilities (to the report's 6 digits) and the
+    same weights, with augmentation on as by default."""
+    args = [*FAST, "data.n_train=8", "data.n_test=2", "data.image_size=32", "trainer.max_epochs=2"]
+    runs = [in_tmp / name for name in ("a", "b")]
+    for run in runs:
+        train(compose_run(args, run))
+    a, b = ((run / "predictions.csv").read_text() for run in runs)
+    assert a == b and len(a.splitlines()) == 1 + 4 * 2
+    weights = [torch.load(run / "checkpoints" / "last.ckpt")["state_dict"] for run in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

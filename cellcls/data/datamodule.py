@@ -1,4 +1,8 @@
-"""LightningDataModules over ImageFolder-style blood-cell datasets (real or generated)."""
+"""LightningDataModules over ImageFolder-style blood-cell datasets (real or generated).
+
+Over 300 lines: one LightningDataModule, whose hooks share its state, and its generated-data
+subclass, which checkpoints name by this module's path.
+"""
 
 from __future__ import annotations
 
@@ -9,75 +13,43 @@ from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets import ImageFolder
 
-from cellcls.data.cache import (
-    CachedImages,
+from cellcls.core.errors import CellclsError, check_table, is_whole, require
+from cellcls.data.datasets import CachedImages, batch_as_is
+from cellcls.data.decode import (
     DecodeImage,
-    DeviceBatches,
     check_images,
     cpu_count,
-    load_images,
-    store_bytes,
+    list_unreadable,
+    write_unreadable,
 )
+from cellcls.data.device import DeviceBatches, fits_on
 from cellcls.data.download import ensure_dataset
 from cellcls.data.generate import generate_dataset
-from cellcls.data.groups import grouped_split, load_groups, random_indices, shared_groups
-from cellcls.data.layout import check_classes, find_split_root, warn_not_images
-from cellcls.errors import CellclsError, is_number, is_whole, require
-from cellcls.hardware import free_device_memory
-from cellcls.report import list_unreadable, write_unreadable
+from cellcls.data.layout import ClassFolder, check_classes, find_split_root, warn_not_images
+from cellcls.data.matching import load_groups
+from cellcls.data.settings import SETTINGS
+from cellcls.data.splits import HOLDOUT, grouped_split, random_indices, shared_groups
+from cellcls.data.store import load_images
 
 log = logging.getLogger(__name__)
-CACHE_MODES = ("disk", "memory", None)
-# How validation images are held out of TRAIN: whole source cells, or images at random.
-VAL_SPLITS = ("grouped", "random")
-# With on_device="auto", a split's images go onto a GPU when they take less than this share of
-# its free memory.
-DEVICE_SHARE = 0.5
-
-
-class ClassFolder(ImageFolder):
-    """ImageFolder whose class list and order come from the caller, not from sorting folders."""
-
-    def __init__(self, root: Path, classes: Sequence[str], loader: Any) -> None:
-        self._classes = list(classes)
-        super().__init__(str(root), loader=loader)
-
-    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        return self._classes, {c: i for i, c in enumerate(self._classes)}
-
-
-# `split` value that tests on the seeded validation part of TRAIN (the tutorial's protocol).
-HOLDOUT = "val"
-
-
-def batch_as_is(batch: Any) -> Any:
-    """Collate for `CachedImages`, whose `__getitems__` already returns a whole batch."""
-    return batch
 
 
 class BloodCellsDataModule(L.LightningDataModule):
     """TRAIN minus a seeded validation fraction for fit; the `split` folder (TEST) for test.
 
-    `val_split="grouped"` holds out whole source cells (see `cellcls.data.groups`): TRAIN holds
+    `val_split="grouped"` holds out whole source cells (see `cellcls.data.matching`): TRAIN holds
     many augmented copies of each cell, so `"random"` (the tutorial's protocol) validates on
     cells the model has trained on, and its `val/acc` is optimistic.
 
-    With `crop`, a `crop`-pixel square around the white cell (the largest purple-stained region,
-    see `cellcls.data.crop`) is cut out of each image first; images without one are
-    centre-cropped and listed in `centred`.
-    Images are resized to `image_size` x `image_size` and decoded once into a uint8 store
-    (`cache`: `disk` under `cache_dir`, `memory`, or null to decode every image in every
-    epoch). Batches stay uint8 (4x less to move); the model scales them to [0, 1], as in the
-    tutorial, and normalises them in the same pass on the training device.
-    `mean` and `std` are the training images' per-channel statistics; the model normalises
-    with them on its own device (see the model config), so they live with the data settings.
-    `split` names the folder that test and eval score, next to `train_split`; `split="val"`
-    scores the validation part of TRAIN instead, as the tutorial does. With `download`, a
-    `root` without the dataset gets Kaggle's, fetched with kagglehub (`prepare_data`).
-    `on_device` copies each split's stored images onto the training device once, so batches
-    are indexed there without a DataLoader (`DeviceBatches`; "auto": on one GPU, when they fit).
+    Each image is cut to a `crop`-pixel square around the white cell (`cellcls.data.crop`;
+    none found: a centre crop, listed in `centred`), resized to `image_size` and decoded once
+    into a uint8 store (`cache`: `disk` under `cache_dir`, `memory`, or null to decode every
+    epoch); the model scales and normalises batches (`mean`, `std`: the training images'
+    statistics) on the training device. `split` is the folder test and eval score (`"val"`:
+    TRAIN's held-out part, as the tutorial does); `download` fetches Kaggle's dataset into a
+    `root` without it; `on_device` keeps a split's store on the training device
+    (`DeviceBatches`). The settings are checked by `cellcls.data.settings.SETTINGS`.
     """
 
     def __init__(
@@ -117,77 +89,39 @@ class BloodCellsDataModule(L.LightningDataModule):
 
     def _check_settings(self) -> None:
         """Fail on a setting of the wrong type or range now, not deep inside training."""
+        check_table(self.hparams, SETTINGS, "data.")
+
+    def _splits(self, stage: str | None) -> list[str]:
+        """The folders `stage` reads: TRAIN to fit (or to test on its held-out part), the
+        `split` folder to test; every one for `None`."""
         hp = self.hparams
-        classes = hp.classes
-        names_ok = not isinstance(classes, str) and all(isinstance(c, str) for c in classes)
-        require(
-            names_ok and len(set(classes)) == len(classes) >= 2,
-            "data.classes",
-            classes,
-            "a list of at least two distinct class-folder names",
-        )
-        require(is_whole(hp.image_size, 1), "data.image_size", hp.image_size, "an integer >= 1")
-        require(
-            hp.crop is None or is_whole(hp.crop, 8),
-            "data.crop",
-            hp.crop,
-            "null (whole image) or the side in pixels of the square cut around the white cell",
-        )
-        require(hp.val_split in VAL_SPLITS, "data.val_split", hp.val_split, "grouped or random")
-        require(is_whole(hp.batch_size, 1), "data.batch_size", hp.batch_size, "an integer >= 1")
-        require(
-            is_number(hp.val_fraction) and 0 <= hp.val_fraction < 1,
-            "data.val_fraction",
-            hp.val_fraction,
-            "a number from 0 (train on all of TRAIN, no validation) to 1 (exclusive), e.g. 0.2",
-        )
-        require(
-            hp.val_fraction > 0 or hp.split != HOLDOUT,
-            "data.split",
-            hp.split,
-            "a folder such as TEST: with data.val_fraction=0 no validation images are held out",
-        )
-        require(
-            hp.num_workers is None or is_whole(hp.num_workers, 0),
-            "data.num_workers",
-            hp.num_workers,
-            "null (automatic) or an integer >= 0",
-        )
-        require(hp.cache in CACHE_MODES, "data.cache", hp.cache, "disk, memory or null")
-        require(
-            hp.cache != "disk" or bool(hp.cache_dir),
-            "data.cache_dir",
-            hp.cache_dir,
-            "a folder for the store when data.cache=disk",
-        )
-        require(
-            isinstance(hp.skip_bad_images, bool),
-            "data.skip_bad_images",
-            hp.skip_bad_images,
-            "true or false",
-        )
-        require(isinstance(hp.download, bool), "data.download", hp.download, "true or false")
-        require(
-            hp.on_device in (True, False, "auto"),
-            "data.on_device",
-            hp.on_device,
-            "auto, true or false",
-        )
-        require(
-            hp.on_device is not True or hp.cache is not None,
-            "data.on_device",
-            hp.on_device,
-            "auto or false without the decoded-image store (data.cache=null)",
-        )
+        testing = stage in ("test", "predict", None)
+        needs_train = stage in ("fit", "validate", None) or (testing and hp.split == HOLDOUT)
+        return [hp.train_split] * needs_train + [hp.split] * (testing and hp.split != HOLDOUT)
+
+    def prepare_data(self) -> None:
+        """Write what `setup` reads, and nothing else (no state: Lightning runs this in one
+        process per machine and makes the others wait): the download (`download`), the disk
+        stores (`cache=disk`) and TRAIN's source groups (grouped validation, with `cache_dir`)."""
+        hp = self.hparams
+        if hp.download:
+            ensure_dataset(self.root, [hp.train_split])
+        splits = self._splits(self.trainer.state.fn if self.trainer is not None else None)
+        if hp.cache == "disk":
+            for split in splits:
+                paths = self.image_paths(split)
+                load_images(paths, hp.image_size, hp.cache_dir, name=split, crop=hp.crop)
+        grouped = hp.val_split == "grouped" and hp.val_fraction > 0 and hp.cache_dir
+        if grouped and hp.train_split in splits:
+            self.source_groups(hp.train_split, write=True)
 
     def setup(self, stage: str | None = None) -> None:
+        """Read the splits `stage` needs: from the files `prepare_data` wrote, or, when it has
+        not run (outside a Trainer), by decoding and grouping in memory, writing nothing."""
         hp = self.hparams
-        fitting = stage in ("fit", "validate", None)
+        splits = self._splits(stage)
+        needs_train = hp.train_split in splits
         testing = stage in ("test", "predict", None)
-        needs_train = fitting or (testing and hp.split == HOLDOUT)
-        splits = [hp.train_split] if needs_train else []
-        if testing and hp.split != HOLDOUT:
-            splits.append(hp.split)
         split_root = self.split_root = find_split_root(self.root, splits)
         for split in splits:
             check_classes(split_root / split, self.classes)
@@ -216,11 +150,12 @@ class BloodCellsDataModule(L.LightningDataModule):
         check_classes(folder, self.classes)
         return [path for path, _ in ClassFolder(folder, self.classes, loader=None).samples]
 
-    def source_groups(self, *splits: str) -> dict[str, int]:
+    def source_groups(self, *splits: str, write: bool = False) -> dict[str, int]:
         """path -> source group of every image in the folders `splits`, grouped together (see
-        `cellcls.data.groups`); computed once and kept beside the decoded-image stores."""
+        `cellcls.data.matching`); read from beside the decoded-image stores when computed
+        before, and with `write` kept there."""
         paths = [path for split in splits for path in self.image_paths(split)]
-        groups = load_groups(paths, self.hparams.cache_dir, name="+".join(splits))
+        groups = load_groups(paths, self.hparams.cache_dir, "+".join(splits), write=write)
         return dict(zip(paths, groups.tolist(), strict=True))
 
     def _grouped_split(self, samples: Sequence[tuple[str, int]]) -> tuple[list[int], list[int]]:
@@ -251,18 +186,6 @@ class BloodCellsDataModule(L.LightningDataModule):
         )
         return train, val
 
-    def prepare_data(self) -> None:
-        """With `download`, fetch the dataset if `root` lacks it. Under DDP, build the disk
-        cache and the source groups in one process: Lightning runs this on one rank per machine
-        and makes the others wait, so their `setup` reads them."""
-        if self.hparams.download:
-            ensure_dataset(self.root, [self.hparams.train_split])
-        trainer = self.trainer
-        hp = self.hparams
-        shared = hp.cache == "disk" or (hp.val_split == "grouped" and hp.cache_dir)
-        if shared and trainer is not None and trainer.world_size > 1:
-            self.setup(trainer.state.fn)  # "fit", "test", ...: the stage about to run
-
     def _dataset(self, folder: Path) -> Dataset:
         """One split folder, read through the decoded-image cache unless it is off.
 
@@ -277,7 +200,8 @@ class BloodCellsDataModule(L.LightningDataModule):
         else:
             cache_dir = self.hparams.cache_dir if self.hparams.cache == "disk" else None
             images, bad, centred = load_images(
-                paths, self.hparams.image_size, cache_dir, name=folder.name, crop=self.hparams.crop
+                *(paths, self.hparams.image_size, cache_dir, folder.name, self.hparams.crop),
+                build=False,  # prepare_data builds it
             )
             if centred:
                 self.centred[folder.name] = centred
@@ -335,17 +259,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         device = trainer.strategy.root_device
         if want is True:
             return True
-        if device.type != "cuda":
-            return False
-        need, free = store_bytes(dataset), free_device_memory(device)
-        fits = need < DEVICE_SHARE * free
-        if not fits:
-            log.info(
-                "%s: %.2f GB of images would take over half of the %.2f GB free on %s: they stay "
-                "on the host, batches come through a DataLoader",
-                *(name, need / 1e9, free / 1e9, device),
-            )
-        return fits
+        return device.type == "cuda" and fits_on(dataset, device, name)
 
     def _loader(
         self, dataset: Dataset | None, name: str, shuffle: bool = False

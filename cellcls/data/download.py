@@ -7,8 +7,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from cellcls.core.errors import CellclsError
 from cellcls.data.layout import KAGGLE_URL, find_split_root
-from cellcls.errors import CellclsError
 
 log = logging.getLogger(__name__)
 HANDLE = "paultimothymooney/blood-cells"

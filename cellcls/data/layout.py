@@ -6,10 +6,12 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +81,14 @@ def warn_not_images(split_dir: Path, classes: Sequence[str]) -> None:
             split_dir,
             ", ".join(f"{k}: {n}" for k, n in kinds.most_common()),
         )
+
+
+class ClassFolder(ImageFolder):
+    """ImageFolder whose class list and order come from the caller, not from sorting folders."""
+
+    def __init__(self, root: Path, classes: Sequence[str], loader: Any) -> None:
+        self._classes = list(classes)
+        super().__init__(str(root), loader=loader)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        return self._classes, {c: i for i, c in enumerate(self._classes)}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellcls.errors import is_number, require
+from cellcls.core.errors import is_number, require
 
 
 def _uniform(n: int, low: float, high: float, like: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from cellcls.errors import CellclsError, require
+from cellcls.core.errors import CellclsError, require
 
 log = logging.getLogger(__name__)
 

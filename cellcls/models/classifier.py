@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from cellcls.errors import CellclsError, is_number, require
+from cellcls.core.errors import CellclsError, is_number, require
 from cellcls.models.ensemble import mean_probabilities
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -136,7 +136,7 @@ class CellClassifier(L.LightningModule):
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        # Per-image outputs for callbacks that write reports (see cellcls.callbacks.TestReport).
+        # Per-image outputs for callbacks that write reports (see cellcls.run.callbacks.TestReport).
         logits = self._step(batch, "test")[1]
         return {"probs": logits.detach().float().softmax(1), "labels": batch[1]}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from cellcls.errors import is_whole, require
+from cellcls.core.errors import is_whole, require
 
 
 class SmallCNN(nn.Module):

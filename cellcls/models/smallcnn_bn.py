@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from cellcls.errors import is_number, is_whole, require
+from cellcls.core.errors import is_number, is_whole, require
 
 
 class SmallCNNBN(nn.Module):

@@ -49,6 +49,15 @@ def require(ok: bool, name: str, value: Any, accepted: str) -> None:
         raise CellclsError(f"{name}={value!r} is not accepted: {name} must be {accepted}.")
 
 
+def check_table(
+    settings: Any, table: Sequence[tuple[str, Callable[[Any], bool], str]], prefix: str = ""
+) -> None:
+    """Check `settings` (attributes) against `table`'s rows `(name, rule, accepted)`, in order;
+    the first rule that fails raises `require`'s one-line error for `prefix + name`."""
+    for name, rule, accepted in table:
+        require(rule(settings), prefix + name, getattr(settings, name), accepted)
+
+
 def require_given(cfg: DictConfig, keys: Sequence[str], usage: str) -> None:
     """Refuse a run that lacks a required setting (`???` in its config), with `usage`."""
     for key in keys:

@@ -18,11 +18,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cellcls.data.datamodule import HOLDOUT
-from cellcls.errors import CellclsError
+from cellcls.core.errors import CellclsError
+from cellcls.data.splits import HOLDOUT
 from cellcls.models import CellClassifier, MeanProbabilities
 
-# Where `cellcls.callbacks.SaveConfig` puts the run's resolved data and model config.
+# Where `cellcls.run.state.SaveConfig` puts the run's resolved data and model config.
 CONFIG_KEY = "cellcls_config"
 # Data settings the members of an ensemble must share: what their input images are ...
 SAME_INPUT = ("classes", "image_size", "crop")

@@ -9,18 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import resource
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import hydra
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -30,12 +25,15 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from cellcls import CONFIG_DIR
-from cellcls.callbacks import EpochSpeed
-from cellcls.config_tree import print_config_tree
-from cellcls.data.cache import CachedImages, DeviceBatches, cpu_count
+from cellcls.bench.keras import keras_train
+from cellcls.core.errors import CellclsError, exit_on_user_error
+from cellcls.core.hardware import reuse_freed_memory, synchronize, uses_cuda
 from cellcls.data.datamodule import BloodCellsDataModule
-from cellcls.errors import CellclsError, exit_on_user_error
-from cellcls.hardware import reuse_freed_memory, synchronize, uses_cuda
+from cellcls.data.datasets import CachedImages
+from cellcls.data.decode import cpu_count
+from cellcls.data.device import DeviceBatches
+from cellcls.run.callbacks import EpochSpeed
+from cellcls.run.config_tree import print_config_tree
 
 log = logging.getLogger(__name__)
 
@@ -135,51 +133,6 @@ def plain_torch_train(
     return timed_pass(batches, step, device)
 
 
-KERAS_PEER = Path(__file__).with_name("peers") / "keras_peer.py"
-PEERS_INSTALL = 'pip install -e ".[peers]"'
-
-
-def keras_train(
-    images: torch.Tensor, labels: torch.Tensor, cfg: DictConfig, python: str | None = None
-) -> tuple[float | None, str]:
-    """The tutorial's Keras training of its CNN on the same uint8 NCHW `images`: images per
-    second (best epoch after the first, like `timed_pass`) and a description, or None and why not.
-
-    It runs in a subprocess (`python`, default this one), so TensorFlow and PyTorch never share a
-    process or threads; it gets as many threads as PyTorch has.
-    """
-    net = cfg.model.net
-    tutorial = (net._target_, net.get("channels"), net.get("hidden"))
-    if tutorial != ("cellcls.models.SmallCNN", 32, 128):
-        return None, "skipped: the Keras peer is the tutorial's network (model=smallcnn)"
-    python = python or sys.executable
-    with tempfile.TemporaryDirectory(prefix="cellcls-bench-") as tmp:
-        np.save(f"{tmp}/x.npy", images.permute(0, 2, 3, 1).contiguous().numpy())
-        np.save(f"{tmp}/y.npy", labels.numpy())
-        args = {
-            "images": f"{tmp}/x.npy",
-            "labels": f"{tmp}/y.npy",
-            "batch-size": cfg.data.batch_size,
-            "epochs": PASSES,
-            "threads": torch.get_num_threads(),
-            "classes": len(cfg.data.classes),
-            "lr": cfg.model.optimizer.get("lr", 1e-3),
-            "seed": cfg.seed,
-        }
-        command = [python, str(KERAS_PEER), *(f"--{k}={v}" for k, v in args.items())]
-        result = subprocess.run(command, capture_output=True, text=True)
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-        return None, f"failed (exit status {result.returncode} of {python}):\n{tail}"
-    out = json.loads(lines[-1])
-    if "skipped" in out:
-        return None, f"skipped: {out['skipped']}; add it with {PEERS_INSTALL}"
-    xla = ", XLA" if out.get("jit_compile") else ""
-    what = f"TensorFlow {out['tensorflow']}, Keras {out['keras']}{xla}, {out['threads']} threads"
-    return max(out["img_s"][1:]), what
-
-
 def lightning_train(
     cfg: DictConfig, dm: BloodCellsDataModule, **settings: Any
 ) -> tuple[float, str]:
@@ -267,7 +220,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     if cfg.bench.keras:
         log.info("the tutorial's Keras/TensorFlow, in a subprocess ...")
         images = full.images[full.rows[indices]]
-        peer = keras_train(images, full.targets[indices], cfg, cfg.bench.get("peer_python"))
+        python = cfg.bench.get("peer_python")
+        peer = keras_train(images, full.targets[indices], cfg, python, epochs=PASSES)
         r["keras_train_img_s"], r["keras_peer"] = peer
         # Keras batches the numpy arrays it is given on the host.
         paths["keras_train"] = HOST if peer[0] is not None else None

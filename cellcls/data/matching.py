@@ -1,4 +1,4 @@
-"""Source-cell groups: which images of a folder show the same cell, so validation can hold it out.
+"""Source-cell matching: which images of a folder show the same cell, so validation can hold it out.
 
 Kaggle's TRAIN holds ~35 rotated, shifted, sheared and flipped copies of each of ~280 cells, so a
 random split puts copies of one cell on both sides and `val/acc` measures recognition, not
@@ -11,6 +11,8 @@ against the nearest images by a hue-saturation histogram (cheap, and blind to ro
 brightness), and then every group against the groups nearest to it, until nothing merges.
 OpenCV (opencv-python-headless) does the keypoints, Hamming matching and RANSAC in C++ with the
 GIL released, so a thread pool uses every core; it is the standard, well-kept library for this.
+
+Over 300 lines: one algorithm, whose tuned constants sit beside the steps that use them.
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import random_split
 from tqdm.auto import tqdm
 
-from cellcls.data.cache import cache_key, cpu_count
+from cellcls.data.decode import cpu_count
+from cellcls.data.store import cache_key
 
 log = logging.getLogger(__name__)
 
@@ -277,23 +278,26 @@ def load_groups(
     cache_dir: str | Path | None,
     name: str = "images",
     progress: bool = True,
+    write: bool = True,
 ) -> np.ndarray:
-    """`find_groups(paths)`, computed once and kept in `cache_dir` beside the decoded-image
-    stores, keyed like them by the files' paths, sizes and modification times."""
-    if cache_dir is None:
-        return find_groups(paths, progress, desc=f"grouping {name}")
-    file = Path(cache_dir) / f"groups-{VERSION}-{name}-{cache_key(paths, 0)}.csv"
-    if file.exists():
-        groups = read_groups_csv(file)
-        if list(groups) == list(paths):
-            return np.array(list(groups.values()))
-        log.warning("Ignoring %s: it does not list these images.", file)
+    """`find_groups(paths)`, read from `cache_dir` when computed before (beside the
+    decoded-image stores, keyed like them by the files' paths, sizes and modification times),
+    and with `write` kept there once computed."""
+    file = None
+    if cache_dir is not None:
+        file = Path(cache_dir) / f"groups-{VERSION}-{name}-{cache_key(paths, 0)}.csv"
+        if file.exists():
+            groups = read_groups_csv(file)
+            if list(groups) == list(paths):
+                return np.array(list(groups.values()))
+            log.warning("Ignoring %s: it does not list these images.", file)
     labels = find_groups(paths, progress, desc=f"grouping {name}")
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    write_groups_csv(tmp, paths, labels)
-    tmp.replace(file)
-    log.info("Source groups cached: %s", file)
+    if file is not None and write:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        write_groups_csv(tmp, paths, labels)
+        tmp.replace(file)
+        log.info("Source groups cached: %s", file)
     return labels
 
 
@@ -309,47 +313,3 @@ def read_groups_csv(file: str | Path) -> dict[str, int]:
     """path -> group, as `write_groups_csv` wrote them."""
     with Path(file).open(newline="") as f:
         return {row["path"]: int(row["group"]) for row in csv.DictReader(f)}
-
-
-def grouped_split(
-    groups: Sequence[int],
-    labels: Sequence[int],
-    val_fraction: float,
-    seed: int,
-) -> tuple[list[int], list[int]]:
-    """Train and validation indices that never share a group: about `val_fraction` of each
-    class's images, in whole groups drawn in a seeded order.
-
-    A group counts for the class most of its images carry (a mislabelled copy goes with its
-    cell). Every class with two groups or more gets at least one in validation and keeps at
-    least one for training; a class with a single group has none in validation.
-    """
-    groups, labels = np.asarray(groups), np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    ids, inverse = np.unique(groups, return_inverse=True)
-    size = np.bincount(inverse)
-    majority = np.array([np.bincount(labels[inverse == k]).argmax() for k in range(len(ids))])
-    val_groups: list[int] = []
-    for c in np.unique(majority):
-        mine = rng.permutation(np.flatnonzero(majority == c))
-        target, taken = val_fraction * size[mine].sum(), 0
-        for n, k in enumerate(mine[:-1]):  # the last one always trains
-            if n == 0 or abs(taken + size[k] - target) < abs(taken - target):
-                val_groups.append(ids[k])
-                taken += size[k]
-    in_val = np.isin(groups, val_groups)
-    return np.flatnonzero(~in_val).tolist(), np.flatnonzero(in_val).tolist()
-
-
-def random_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Train and validation indices of a seeded random split of `n` images (`val_split=random`,
-    the tutorial's protocol)."""
-    generator = torch.Generator().manual_seed(seed)
-    train, val = random_split(range(n), [1 - val_fraction, val_fraction], generator=generator)
-    return list(train.indices), list(val.indices)
-
-
-def shared_groups(groups: Sequence[int], a: Sequence[int], b: Sequence[int]) -> int:
-    """How many images of index set `b` share a group with some image of index set `a`."""
-    groups = np.asarray(groups)
-    return int(np.isin(groups[list(b)], groups[list(a)]).sum())

@@ -1,0 +1,5 @@
+"""`python -m cellcls.bench`."""
+
+from cellcls.bench import main
+
+main()

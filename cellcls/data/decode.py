@@ -1,0 +1,131 @@
+"""Decoding image files: one image as the store holds it, on all cores; why a file is unreadable.
+
+Decoding and resizing a JPEG costs about 1.5 ms of one core; the store (`cellcls.data.store`)
+does it once per image instead of once per epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from cellcls.data.crop import find_cell, square_box
+
+log = logging.getLogger(__name__)
+
+
+def decode(path: str | Path, size: int, crop: int | None = None) -> np.ndarray:
+    """One image as an RGB uint8 array of `size` x `size` x 3 (PIL bilinear, antialiased).
+
+    Any mode (grayscale, palette, RGBA, CMYK, 16-bit) becomes 3-channel RGB. With `crop`, a
+    `crop`-pixel square around the white cell is cut out first (see `cellcls.data.crop`).
+    """
+    return decode_cell(path, size, crop)[0]
+
+
+def decode_cell(path: str | Path, size: int, crop: int | None = None) -> tuple[np.ndarray, bool]:
+    """`decode`, and whether the white cell was found (False: a centre crop was taken)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        found = True
+        if crop is not None:
+            centre = find_cell(np.asarray(im))
+            found = centre is not None
+            im = im.crop(square_box(centre, crop, im.width, im.height))
+        return np.array(im.resize((size, size), Image.Resampling.BILINEAR)), found
+
+
+def unreadable(path: str | Path, err: Exception) -> str:
+    """Why an image file could not be decoded, in words (the path is said elsewhere)."""
+    if os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image (no known image format)"
+    return f"{type(err).__name__}: {str(err).replace(str(path), '').strip()[:200]}"
+
+
+def check_image(path: str | Path) -> str | None:
+    """Why `path` cannot be decoded, or None if it can; cheaper than `decode`.
+
+    The whole file is read (a truncated file fails), but JPEGs are decoded at 1/8 scale.
+    """
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
+    except Exception as err:  # PIL raises many types for broken files
+        return unreadable(path, err)
+    return None
+
+
+def check_images(paths: Sequence[str], desc: str = "checking") -> dict[str, str]:
+    """The files among `paths` that cannot be decoded, with the reason; on all cores."""
+    with ThreadPoolExecutor(cpu_count()) as pool:
+        reasons = list(tqdm(pool.map(check_image, paths), total=len(paths), desc=desc, unit="img"))
+    return {p: why for p, why in zip(paths, reasons, strict=True) if why}
+
+
+class DecodeImage:
+    """Transform for ImageFolder: a file's image as a uint8 CHW tensor, exactly as cached."""
+
+    def __init__(self, size: int, crop: int | None = None) -> None:
+        self.size, self.crop = size, crop
+
+    def __call__(self, path: str) -> Tensor:
+        return torch.from_numpy(decode(path, self.size, self.crop)).permute(2, 0, 1).contiguous()
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects affinity masks and container limits on Linux)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_all(
+    paths: Sequence[str],
+    size: int,
+    out: np.ndarray,
+    desc: str = "decoding",
+    progress: bool = True,
+    crop: int | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """Decode `paths` into `out` (N x size x size x 3), on all cores (PIL releases the GIL).
+
+    Returns the files that could not be decoded, with the reason (their rows stay zero), and,
+    with `crop`, the files in which no white cell was found (centre-cropped instead).
+    """
+
+    def work(i: int) -> tuple[str | None, bool]:
+        try:
+            out[i], found = decode_cell(paths[i], size, crop)
+        except Exception as err:  # PIL raises many types for broken files
+            out[i] = 0
+            return unreadable(paths[i], err), True
+        return None, found
+
+    with ThreadPoolExecutor(cpu_count()) as pool:
+        jobs = pool.map(work, range(len(paths)))
+        results = list(tqdm(jobs, total=len(paths), desc=desc, unit="img", disable=not progress))
+    bad = {p: why for p, (why, _) in zip(paths, results, strict=True) if why}
+    return bad, [p for p, (_, found) in zip(paths, results, strict=True) if not found]
+
+
+def list_unreadable(bad: Mapping[str, str]) -> str:
+    """Unreadable files, one `  path: reason` line each, for the log or an error message."""
+    return "\n".join(f"  {path}: {why}" for path, why in sorted(bad.items()))
+
+
+def write_unreadable(file: Path, bad: Mapping[str, str]) -> None:
+    """A CSV of unreadable files (path, reason): skipped_images.csv and predict's unreadable.csv."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "reason"), *sorted(bad.items())])

@@ -1,0 +1,1 @@
+"""What the entry points share to run: checkpoints, callbacks, the config tree, loggers."""
