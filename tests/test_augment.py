@@ -125,6 +125,7 @@ class Inputs(L.Callback):
         self._keep("val", batch)
 
 
+@pytest.mark.slow
 def test_applied_to_training_batches_only(tiny_root: Path) -> None:
     recorder, inputs = Recorder(), Inputs()
     model = CellClassifier(
@@ -175,6 +176,7 @@ def test_training_step_sees_augmented_images_and_same_labels() -> None:
     torch.testing.assert_close(seen["x"], x.float() / 255)
 
 
+@pytest.mark.slow
 def test_short_run_with_light_augmentation_learns(in_tmp: Path) -> None:
     args = [
         *FAST,

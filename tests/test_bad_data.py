@@ -145,6 +145,7 @@ def test_class_left_without_images_is_an_error(tiny_root: Path, tmp_path: Path) 
         make_dm(root, cache=None, skip_bad_images=True).setup("fit")
 
 
+@pytest.mark.slow
 def test_training_stops_before_fitting_on_a_bad_image(
     tiny_root: Path, tmp_path: Path, synthetic_cache: Path
 ) -> None:

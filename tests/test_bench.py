@@ -61,6 +61,7 @@ def no_tensorflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+@pytest.mark.slow
 def test_bench_prints_json_and_skips_keras_without_tensorflow(
     tmp_path: Path, synthetic_cache: Path, no_tensorflow: None
 ) -> None:
@@ -113,6 +114,7 @@ print(json.dumps({"img_s": [1.0, float(a.epochs), float(x[0, 0, 0, 0])], "tensor
 """
 
 
+@pytest.mark.slow
 def test_keras_peer_protocol_with_a_stand_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,6 +133,7 @@ def test_keras_peer_protocol_with_a_stand_in(
     assert img_s is None and "exit status 3" in what and "boom" in what
 
 
+@pytest.mark.slow
 def test_keras_peer_skips_without_tensorflow(tmp_path: Path, no_tensorflow: None) -> None:
     images = torch.zeros((4, 3, 32, 32), dtype=torch.uint8)
     img_s, what = keras_train(images, torch.arange(4), tutorial_cfg(tmp_path), sys.executable)
@@ -138,6 +141,7 @@ def test_keras_peer_skips_without_tensorflow(tmp_path: Path, no_tensorflow: None
     assert what.startswith("skipped: No module named 'tensorflow'") and "[peers]" in what
 
 
+@pytest.mark.slow
 def test_keras_peer_only_for_the_tutorial_network(tmp_path: Path) -> None:
     cfg = tutorial_cfg(tmp_path, "model.net.hidden=64")
     img_s, what = keras_train(torch.zeros((2, 3, 32, 32), dtype=torch.uint8), [0, 1], cfg)
@@ -239,6 +243,7 @@ print(applied, before, faults())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
 def test_reuse_freed_memory_stops_page_faults_per_step() -> None:
     out = subprocess.run([sys.executable, "-c", REUSE], capture_output=True, text=True, check=True)
@@ -281,6 +286,7 @@ def test_data_path_is_the_datamodules_own_rule(
         dm.trainer = None
 
 
+@pytest.mark.slow
 def test_plain_loop_indexes_the_device_store_on_the_device(
     tmp_path: Path, tiny_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,6 +333,7 @@ def test_plain_loop_indexes_the_device_store_on_the_device(
         )
 
 
+@pytest.mark.slow
 def test_bench_plain_loop_follows_the_lightning_rows_onto_the_device_store(in_tmp: Path) -> None:
     """data.on_device=true puts the store on the training device, here the CPU: the Lightning
     rows get `DeviceBatches`, so the plain loop indexes its copy there too; the JSON and the

@@ -80,6 +80,7 @@ def test_same_first_batch_with_and_without_cache(tiny_root: Path, tmp_path: Path
     assert plain[0].dtype == torch.uint8 and plain[0].shape == (8, 3, 36, 36)
 
 
+@pytest.mark.slow
 def test_bench_prints_json(tmp_path: Path, synthetic_cache: Path) -> None:
     args = [
         *FAST,
@@ -144,6 +145,7 @@ def test_store_that_does_not_fit_is_refused(
     assert len(images) == len(paths) and len(list(store.glob("*.npy"))) == 1
 
 
+@pytest.mark.slow
 def test_stale_temporary_stores_are_removed(tiny_root: Path, tmp_path: Path) -> None:
     """Leftovers of builds killed earlier go; a build still running, or on another host, stays."""
     dead = subprocess.run(

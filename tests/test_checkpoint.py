@@ -26,6 +26,7 @@ def misfit(trained_run, tmp_path: Path) -> Path:
     return tmp_path / "misfit.ckpt"
 
 
+@pytest.mark.slow
 def test_restore(trained_run) -> None:
     path = best_checkpoint(trained_run[0])
     restored = restore(path, data=False)
@@ -36,6 +37,7 @@ def test_restore(trained_run) -> None:
     assert restored.config.data.image_size == 48 and restore(path).datamodule is not None
 
 
+@pytest.mark.slow
 def test_every_entry_point_refuses_weights_that_do_not_fit(misfit: Path, tmp_path: Path) -> None:
     message = f"checkpoint '{misfit}' does not fit the model built from its config"
     runs = {
@@ -54,6 +56,7 @@ def test_every_entry_point_refuses_weights_that_do_not_fit(misfit: Path, tmp_pat
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config_name", "given", "missing"),
     [
@@ -73,6 +76,7 @@ def test_required_settings(
         call[config_name]()
 
 
+@pytest.mark.slow
 def test_predict_runs_in_the_trainers_precision(trained_run, tmp_path: Path) -> None:
     """Device and precision come from the trainer settings, as for training and eval."""
     run = trained_run[0]

@@ -66,6 +66,7 @@ def test_crop_is_part_of_the_store_and_cells_not_found_are_listed(
         make_dm(root, crop="wbc")
 
 
+@pytest.mark.slow
 def test_training_with_a_crop_previews_it_and_the_checkpoint_keeps_it(
     tmp_path: Path, synthetic_cache: Path
 ) -> None:

@@ -19,6 +19,7 @@ from tests.conftest import CONF_DIR, FAST, make_dm, run_module
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path: Path, synthetic_cache: Path) -> None:
     # 36 TRAIN images (source cells of 5 copies), whole cells held out for validation: an odd
     # number of images, so the two processes' test shares are evened out with a repeated image

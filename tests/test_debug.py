@@ -33,6 +33,7 @@ def report(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_fast_dev_run_of_every_option(option: str, run_dir: Path) -> None:
     cfg = compose_run([*TINY, option, "debug=fdr"], run_dir)
@@ -46,6 +47,7 @@ def test_fast_dev_run_of_every_option(option: str, run_dir: Path) -> None:
     assert not (run_dir / "checkpoints").exists()  # fast_dev_run saves none
 
 
+@pytest.mark.slow
 def test_limit_test_batches(run_dir: Path) -> None:
     args = [*TINY, "data.batch_size=4", "trainer.max_epochs=1", "++trainer.limit_test_batches=2"]
     train(compose_run(args, run_dir))
@@ -56,6 +58,7 @@ def test_limit_test_batches(run_dir: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_debug_limit_runs_a_few_batches(run_dir: Path) -> None:
     # 16 TRAIN images per class: more than 10 batches of 2 after the validation cells.
     cfg = compose_run([*TINY, "data.n_train=16", "data.batch_size=2", "debug=limit"], run_dir)
@@ -65,6 +68,7 @@ def test_debug_limit_runs_a_few_batches(run_dir: Path) -> None:
     assert report(run_dir)["n_images"] == 5 * 2  # limit_test_batches=5
 
 
+@pytest.mark.slow
 def test_debug_overfit_drives_the_loss_to_near_zero(run_dir: Path) -> None:
     # Quicker than the config's 30 epochs at 3e-4 on this shared 2-core CPU: 3 batches of
     # distinct generated cells (copies=1), learning rate 1e-3.
@@ -79,6 +83,7 @@ def test_debug_overfit_drives_the_loss_to_near_zero(run_dir: Path) -> None:
     assert not (run_dir / "metrics.json").exists()  # no test report
 
 
+@pytest.mark.slow
 def test_debug_profiler_writes_into_the_run_folder(run_dir: Path) -> None:
     train(compose_run([*TINY, "debug=profiler"], run_dir))
     profile = (run_dir / "fit-profile.txt").read_text()

@@ -52,6 +52,7 @@ def test_auto_keeps_the_dataloader_off_a_gpu_and_bad_settings_are_named(tiny_roo
         make_dm(tiny_root, on_device=True, cache=None)
 
 
+@pytest.mark.slow
 def test_training_with_images_on_the_device(in_tmp: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="cellcls.data.datamodule")
     overrides = [

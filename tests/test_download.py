@@ -105,6 +105,7 @@ def test_no_download_unless_asked(kaggle, tmp_path: Path) -> None:
     assert kaggle == []
 
 
+@pytest.mark.slow
 def test_train_downloads_the_data(
     kaggle, tmp_path: Path, synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cellcls.run.config_tree import print_config_tree
 from tests.conftest import CONF_DIR, FAST, compose_run
 
@@ -56,6 +58,7 @@ def test_console_scripts_point_at_the_entry_points() -> None:
         assert callable(entry_point(name))
 
 
+@pytest.mark.slow
 def test_every_hydra_script_finds_its_config(tmp_path: Path, synthetic_cache: Path) -> None:
     """Run as console scripts, the Hydra entry points still find conf/ (`--cfg job` prints it)."""
     hydra_scripts = [n for n in SCRIPTS if hasattr(entry_point(n), "__wrapped__")]  # hydra.main
@@ -74,6 +77,7 @@ def test_every_hydra_script_finds_its_config(tmp_path: Path, synthetic_cache: Pa
         assert f"task_name: {name.removeprefix('cellcls-')}\n" in result.stdout, name
 
 
+@pytest.mark.slow
 def test_cellcls_train_debug_fdr(tmp_path: Path, synthetic_cache: Path) -> None:
     """`cellcls-train debug=fdr`: prints and saves the config tree, and its test report covers
     the one batch it scored."""
@@ -102,6 +106,7 @@ def test_config_tree_resolves_what_it_can(tmp_path: Path) -> None:
     assert all(line == line.rstrip() for line in tree.splitlines())
 
 
+@pytest.mark.slow
 def test_compose_api_without_importing_cellcls(tmp_path: Path) -> None:
     """As in a notebook: Hydra's Compose API on conf/, then instantiate the model."""
     code = f"""

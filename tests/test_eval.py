@@ -26,6 +26,7 @@ def evaluate(cwd: Path, cache: Path, ckpt: Path | str, *args: str):
     return out, result
 
 
+@pytest.mark.slow
 def test_eval_reproduces_train_test_accuracy(trained_run, tmp_path, synthetic_cache) -> None:
     run, _ = trained_run
     out, result = evaluate(run.parents[1], synthetic_cache, best_checkpoint(run))
@@ -38,6 +39,7 @@ def test_eval_reproduces_train_test_accuracy(trained_run, tmp_path, synthetic_ca
     assert "balanced accuracy" in result.stderr + result.stdout  # the console table
 
 
+@pytest.mark.slow
 def test_report_files_are_well_formed(trained_run, tmp_path, synthetic_cache) -> None:
     run, _ = trained_run
     metrics = json.loads((run / "metrics.json").read_text())
@@ -62,6 +64,7 @@ def test_report_files_are_well_formed(trained_run, tmp_path, synthetic_cache) ->
             im.verify()
 
 
+@pytest.mark.slow
 def test_eval_another_split_folder(trained_run, tmp_path, synthetic_cache) -> None:
     run, _ = trained_run
     saved = torch.load(best_checkpoint(run), weights_only=True)["cellcls_config"]
@@ -80,6 +83,7 @@ def test_eval_another_split_folder(trained_run, tmp_path, synthetic_cache) -> No
     assert metrics["split"] == "OTHER" and metrics["n_images"] == 4 * 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -97,6 +101,7 @@ def test_eval_mismatch_is_one_clear_message(
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_bad_checkpoints(tmp_path: Path, synthetic_cache: Path) -> None:
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
@@ -114,6 +119,7 @@ def test_eval_bad_checkpoints(tmp_path: Path, synthetic_cache: Path) -> None:
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_ensemble_averages_its_members_probabilities(trained_run) -> None:
     run, _ = trained_run
     paths = [best_checkpoint(run), run / "checkpoints" / "last.ckpt"]
@@ -129,6 +135,7 @@ def test_ensemble_averages_its_members_probabilities(trained_run) -> None:
         restore(paths, data=False)  # export, resuming: one checkpoint only
 
 
+@pytest.mark.slow
 def test_eval_of_an_ensemble(trained_run, tmp_path, synthetic_cache) -> None:
     """`ckpt_path=[A,B]` scores the average; members that held out other cells of TRAIN are
     refused for data.split=val (some trained on the images scored), not for TEST."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -12,6 +13,7 @@ from cellcls.run.checkpoint import load_checkpoint
 from tests.conftest import CLASSES, best_checkpoint, run_module
 
 
+@pytest.mark.slow
 def test_export_and_reload(trained_run, tmp_path: Path, synthetic_cache: Path) -> None:
     run, _ = trained_run
     ckpt_path = best_checkpoint(run)
@@ -33,6 +35,7 @@ def test_export_and_reload(trained_run, tmp_path: Path, synthetic_cache: Path) -
         assert model(x).shape == (2, len(CLASSES))
 
 
+@pytest.mark.slow
 def test_export_needs_a_checkpoint(tmp_path: Path, synthetic_cache: Path) -> None:
     result = run_module("cellcls.export", [], tmp_path, synthetic_cache)
     assert result.returncode != 0 and "ckpt_path is required" in result.stderr

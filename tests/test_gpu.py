@@ -88,6 +88,7 @@ def test_deterministic_true_is_refused_on_a_gpu(gpu, tmp_path: Path) -> None:
     assert compose_run([], tmp_path).trainer.benchmark is True
 
 
+@pytest.mark.slow
 def test_ema_test_after_training_scores_the_averaged_weights(in_tmp: Path) -> None:
     """train's own test and cellcls.eval of the same checkpoint give the same probabilities:
     the averaged weights', which the checkpoint holds in `state_dict`."""
@@ -126,6 +127,7 @@ class Batches(L.Callback):
         self.epochs[-1] += batch[1].tolist() + [int(batch[0].float().sum())]
 
 
+@pytest.mark.slow
 def test_overfit_on_the_device_store_repeats_its_batches(tiny_root: Path) -> None:
     dm = make_dm(tiny_root, on_device=True, batch_size=3, val_split="random")
     net = SmallCNN(num_classes=4, image_size=32, channels=4, hidden=8)

@@ -123,6 +123,7 @@ def test_cached_groups_are_reused(copies_root: Path, tmp_path: Path, monkeypatch
     assert load_groups(paths, tmp_path, name="TEST", progress=False).tolist() == first.tolist()
 
 
+@pytest.mark.slow
 def test_groups_app_writes_csv_plot_and_leaks(tmp_path: Path, synthetic_cache: Path) -> None:
     args = [*FAST[:3], "data.n_train=16", "data.n_test=4", "data.copies=4", "hydra.run.dir=out"]
     result = run_module("cellcls.groups", args, tmp_path, synthetic_cache)

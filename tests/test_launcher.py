@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -26,6 +27,7 @@ def test_slurm_launcher_config() -> None:
     assert "partition" in launcher
 
 
+@pytest.mark.slow
 def test_submitit_local_multirun(tmp_path: Path, synthetic_cache: Path) -> None:
     args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *FAST, *TINY]
     result = run_module(

@@ -93,6 +93,7 @@ def test_training_step_trains_on_the_mixed_batch_only(tmp_path: Path) -> None:
     torch.testing.assert_close(net.seen, x.float() / 255)
 
 
+@pytest.mark.slow
 def test_short_run_with_mixup_learns(in_tmp: Path) -> None:
     args = [
         *FAST,

@@ -93,6 +93,7 @@ def test_bad_weights_file_is_named(tmp_path: Path, content: bytes | None, match:
         torchvision_net("resnet18", weights=str(path))
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_without_the_weights_file(
     tmp_path: Path, synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

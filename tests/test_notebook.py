@@ -50,6 +50,7 @@ def test_notebook_outputs_are_stripped() -> None:
     assert all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(
     tmp_path: Path, synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,6 +40,7 @@ def predict(cwd: Path, cache: Path, *args: str):
     return out, result
 
 
+@pytest.mark.slow
 def test_predict_a_folder_with_a_bad_file(trained_run, tmp_path, synthetic_cache) -> None:
     run, _ = trained_run
     evaluated = {r["path"]: r for r in csv.DictReader((run / "predictions.csv").open())}
@@ -90,6 +91,7 @@ def test_predict_a_folder_with_a_bad_file(trained_run, tmp_path, synthetic_cache
     )
 
 
+@pytest.mark.slow
 def test_tampered_checkpoint_is_refused(tampered, tmp_path, synthetic_cache) -> None:
     ckpt, marker = tampered
     for module, args in (
@@ -103,6 +105,7 @@ def test_tampered_checkpoint_is_refused(tampered, tmp_path, synthetic_cache) -> 
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_predict_with_an_ensemble(trained_run, tmp_path, synthetic_cache) -> None:
     """`ckpt_path=[A,B]`: each image's probabilities are the average of A's and B's."""
     run, _ = trained_run

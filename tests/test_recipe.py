@@ -52,6 +52,7 @@ class LearningRates(L.Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
+@pytest.mark.slow
 def test_modern_recipe_steps_its_schedule_every_batch(in_tmp: Path) -> None:
     cfg = compose_run([*TINY, "recipe=modern", "data.batch_size=4", "trainer.max_epochs=2"], in_tmp)
     assert cfg.model.label_smoothing == 0.1
@@ -64,6 +65,7 @@ def test_modern_recipe_steps_its_schedule_every_batch(in_tmp: Path) -> None:
     assert max(lrs.lrs) == pytest.approx(cfg.model.optimizer.lr, rel=0.1)
 
 
+@pytest.mark.slow
 def test_schedule_needs_a_finite_run(tiny_root: Path) -> None:
     model = CellClassifier(
         SmallCNNBN(widths=(8,)),
@@ -126,6 +128,7 @@ def test_tta_averages_probabilities_over_flips_and_rotations() -> None:
     assert not torch.allclose(model.predict_step(x, 0), probs)
 
 
+@pytest.mark.slow
 def test_eval_and_predict_with_tta(trained_run, in_tmp: Path) -> None:
     run, _ = trained_run
     ckpt = best_checkpoint(run)
@@ -163,6 +166,7 @@ def test_eval_and_predict_with_tta(trained_run, in_tmp: Path) -> None:
         evaluate(compose_run([f"ckpt_path={ckpt}", "tta=yes"], in_tmp / "bad", "eval"), [])
 
 
+@pytest.mark.slow
 def test_ema_checkpoints_hold_the_averaged_weights(in_tmp: Path) -> None:
     args = [*TINY, "model=smallcnn_bn", "callbacks=[default,ema]", "callbacks.ema.decay=0.9"]
     args += ["trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0"]
@@ -174,6 +178,7 @@ def test_ema_checkpoints_hold_the_averaged_weights(in_tmp: Path) -> None:
     assert not torch.equal(averaged["net.classifier.3.weight"], current["net.classifier.3.weight"])
 
 
+@pytest.mark.slow
 def test_early_stopping_on_val_acc(in_tmp: Path) -> None:
     args = [*TINY, "callbacks=[default,early_stopping]", "callbacks.early_stopping.patience=1"]
     args += ["model.optimizer.lr=1e-9", "trainer.max_epochs=6", "test=false"]

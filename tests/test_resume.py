@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from cellcls.run.state import RngState
@@ -38,6 +39,7 @@ def epochs_logged(metrics: Path) -> list[int]:
     return [int(r["epoch"]) for r in logged(metrics) if "val/acc" in r]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume(tmp_path: Path, synthetic_cache: Path) -> None:
     (tmp_path / "killer.py").write_text(KILLER)
     kill = ["+callbacks.kill._target_=killer.SigtermAt", "+callbacks.kill.epoch=1"]
@@ -66,6 +68,7 @@ def test_sigterm_mid_epoch_then_resume(tmp_path: Path, synthetic_cache: Path) ->
     assert any("test/acc" in r for r in after)
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_needs_the_run_folder(tmp_path: Path, synthetic_cache: Path) -> None:
     result = run_module("cellcls.train", [*FAST, "ckpt_path=last"], tmp_path, synthetic_cache)
     assert result.returncode != 0 and "Traceback" not in result.stderr

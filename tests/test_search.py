@@ -51,6 +51,7 @@ def test_pruning_callback_stops_a_bad_trial() -> None:
     assert trial.study.trials[0].intermediate_values == {1: 0.5}
 
 
+@pytest.mark.slow
 def test_search_runs_and_resumes(tmp_path: Path, synthetic_cache: Path) -> None:
     args = [*FAST, *TINY, "hydra.run.dir=outputs/search"]
     first = run_module(

@@ -11,6 +11,7 @@ from cellcls.train import train
 from tests.conftest import FAST, compose_run, run_module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from cellcls.summary import main, record_job, write_summary
@@ -60,6 +61,7 @@ def test_rebuild_from_the_command_line(tmp_path: Path, capsys) -> None:
     assert "summary.md" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_multirun_summary_with_failing_jobs(tmp_path: Path, synthetic_cache: Path) -> None:
     # One good job; lr=-1 fails inside Lightning (torch), val_fraction=1.5 fails cellcls's checks.
     sweep_args = ["data.val_fraction=0.5,1.5", "model.optimizer.lr=1e-3,-1"]

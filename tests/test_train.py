@@ -13,6 +13,7 @@ from cellcls.train import train
 from tests.conftest import FAST, compose_run, last_value, run_module
 
 
+@pytest.mark.slow
 def test_train_learns_and_writes_outputs(trained_run) -> None:
     run, result = trained_run
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -34,6 +35,7 @@ def test_train_learns_and_writes_outputs(trained_run) -> None:
         assert im.size[0] > 300
 
 
+@pytest.mark.slow
 def test_refit_trains_on_all_of_train_and_tests_the_last_epoch(in_tmp: Path) -> None:
     run = in_tmp / "run"
     args = [*FAST, "data.n_train=8", "data.n_test=3", "data.image_size=32"]
@@ -46,6 +48,7 @@ def test_refit_trains_on_all_of_train_and_tests_the_last_epoch(in_tmp: Path) -> 
     assert "val/acc" not in (run / "csv" / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_clear_message(tmp_path: Path, synthetic_cache: Path) -> None:
     result = run_module("cellcls.train", ["data.root=no/such/folder"], tmp_path, synthetic_cache)
     assert result.returncode != 0
@@ -54,6 +57,7 @@ def test_missing_data_is_one_clear_message(tmp_path: Path, synthetic_cache: Path
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_multirun_one_folder_per_job(tmp_path: Path, synthetic_cache: Path) -> None:
     args = [
         "-m",
@@ -79,6 +83,7 @@ def test_multirun_one_folder_per_job(tmp_path: Path, synthetic_cache: Path) -> N
     assert len(list((dataset / "TRAIN" / "MONOCYTE").iterdir())) == 8
 
 
+@pytest.mark.slow
 def test_the_same_command_repeats_on_the_cpu(in_tmp: Path) -> None:
     """Same seed, same machine: the same test probabilities (to the report's 6 digits) and the
     same weights, with augmentation on as by default."""
