@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from cellcls import CONFIG_DIR
 from cellcls.core.errors import exit_on_user_error
+from cellcls.cv import cross_validate
 from cellcls.run.config_tree import print_config_tree
 from cellcls.summary import record_job, write_summary
 from cellcls.train import train
@@ -76,8 +77,13 @@ def run_trial(cfg: DictConfig, trial: optuna.Trial, out_dir: Path) -> dict[str, 
 
     start, error = time.perf_counter(), ""
     try:
-        metrics = train(run_cfg, [OptunaPruning(trial, cfg.hparams_search.monitor)])
-        value = metrics[cfg.optimized_metric]
+        if cfg.search.cv_folds:  # the cross-validated estimate: K runs per trial, no pruning
+            with open_dict(run_cfg):
+                run_cfg.cv, run_cfg.test = {"folds": cfg.search.cv_folds}, False
+            value = cross_validate(run_cfg)["oof_accuracy"]
+        else:
+            metrics = train(run_cfg, [OptunaPruning(trial, cfg.hparams_search.monitor)])
+            value = metrics[cfg.optimized_metric]
     except optuna.TrialPruned as pruned:
         status, error = "pruned", str(pruned)
         study_state: dict[str, Any] = {"state": TrialState.PRUNED}

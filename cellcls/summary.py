@@ -53,14 +53,18 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     record = json.loads(job_file.read_text()) if job_file.is_file() else {}
     metrics = job_dir / "csv" / "metrics.csv"
     metric = OmegaConf.select(config, "optimized_metric") or REPORTED[0]
+    # A cross-validation job (cellcls.cv) reports its pooled out-of-fold accuracy and interval.
+    cv_file = job_dir / "cv_metrics.json"
+    cv = json.loads(cv_file.read_text()) if cv_file.is_file() else {}
     # A job without job.json was killed, or is still running.
-    default = "completed" if (job_dir / "metrics.json").is_file() else "incomplete"
+    done = (job_dir / "metrics.json").is_file() or bool(cv)
     return {
         "job": job_dir.name,
-        "status": record.get("status", default),
+        "status": record.get("status", "completed" if done else "incomplete"),
         "params": dict(str(o).split("=", 1) for o in overrides if "=" in str(o)),
         "metric": metric,
-        "value": last_logged(metrics, metric),
+        "value": cv.get(metric, last_logged(metrics, metric)),
+        "ci95": cv.get(f"{metric}_ci95"),
         **{key: last_logged(metrics, key) for key in REPORTED},
         "seconds": record.get("seconds"),
         "error": record.get("error", ""),
@@ -95,7 +99,9 @@ def write_summary(sweep_dir: str | Path, mode: str = "max") -> Path | None:
         return None
     keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
     metric = rows[0]["metric"]
-    header = ["job", "status", *keys, metric, *(k for k in REPORTED if k != metric)]
+    intervals = any(r["ci95"] for r in rows)
+    header = ["job", "status", *keys, metric, *(["ci95"] if intervals else [])]
+    header += [k for k in REPORTED if k != metric]
     header += ["seconds", "error"]
     table = [
         {
@@ -103,6 +109,7 @@ def write_summary(sweep_dir: str | Path, mode: str = "max") -> Path | None:
             "status": r["status"],
             **{k: r["params"].get(k, "") for k in keys},
             metric: r["value"],
+            **({"ci95": _interval(r["ci95"])} if intervals else {}),
             **{k: r[k] for k in REPORTED},
             "seconds": "" if r["seconds"] is None else f"{r['seconds']:.1f}",
             "error": r["error"],
@@ -119,6 +126,11 @@ def write_summary(sweep_dir: str | Path, mode: str = "max") -> Path | None:
     _atomic_write(sweep / "summary.md", _markdown(md_header, table, sweep, metric, mode, same))
     plot_sweep(rows, swept_keys(rows) or keys, metric, sweep / "summary.png")
     return sweep / "summary.csv"
+
+
+def _interval(ci: Sequence[float] | None) -> str:
+    """A 95% interval as `[low, high]`, or nothing for a job without one."""
+    return "" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _cell(value: Any) -> str:

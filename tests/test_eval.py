@@ -48,7 +48,7 @@ def test_report_files_are_well_formed(trained_run, tmp_path, synthetic_cache) ->
     assert set(metrics["per_class"]) == set(CLASSES)
     assert set(metrics["per_class"]["MONOCYTE"]) == {"precision", "recall", "f1", "support"}
     rows = list(csv.DictReader((run / "predictions.csv").open()))
-    assert list(rows[0]) == ["path", "label", "pred", *CLASSES]
+    assert list(rows[0]) == ["path", "label", "pred", *CLASSES, "group"]
     assert len(rows) == metrics["n_images"]
     assert all(Path(r["path"]).is_file() for r in rows)
     accuracy = sum(r["label"] == r["pred"] for r in rows) / len(rows)

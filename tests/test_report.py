@@ -13,8 +13,16 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
+from torchmetrics.classification import MulticlassCalibrationError
 
-from cellcls.reports.metrics import classification_metrics, format_table, write_report
+from cellcls.core.errors import CellclsError
+from cellcls.reports.metrics import (
+    calibration_error,
+    classification_metrics,
+    format_table,
+    reliability_bins,
+    write_report,
+)
 from cellcls.reports.plots import plot_curves
 from cellcls.run.callbacks import TestReport as Report  # (not a test class)
 
@@ -65,9 +73,86 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert [r["pred"] for r in rows] == ["A", "C", "B", "A", "C"]
     assert float(rows[1]["C"]) == pytest.approx(0.8)
     assert metrics["accuracy"] == pytest.approx(3 / 5)
-    for name in ("confusion_matrix.png", "errors.png"):
+    for name in ("confusion_matrix.png", "errors.png", "reliability.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 200
+    assert list(rows[0]) == ["path", "label", "pred", *CLASSES]  # no groups: no group column
+    assert not (out / "per_group.csv").exists() and "accuracy_ci95" not in metrics
+    assert metrics["calibration_error"] == pytest.approx(calibration_error(labels, probs))
+
+
+def test_calibration_error_on_a_hand_checked_example() -> None:
+    # Top probabilities 0.9 (right), 0.62 (wrong), 0.62 (right), 0.5 (right), in 15 bins:
+    # 1/4 * |1 - 0.9| + 2/4 * |0.5 - 0.62| + 1/4 * |1 - 0.5| = 0.21.
+    labels = np.array([0, 1, 2, 0])
+    probs = np.array(
+        [[0.9, 0.05, 0.05], [0.62, 0.3, 0.08], [0.1, 0.28, 0.62], [0.5, 0.3, 0.2]],
+        dtype=np.float32,
+    )
+    torchmetrics_ece = MulticlassCalibrationError(3, n_bins=15, norm="l1")(
+        torch.from_numpy(probs), torch.from_numpy(labels)
+    )
+    assert calibration_error(labels, probs) == pytest.approx(0.21, abs=1e-6)
+    assert calibration_error(labels, probs) == pytest.approx(float(torchmetrics_ece), abs=1e-7)
+    assert classification_metrics(labels, probs, CLASSES)["calibration_error"] == pytest.approx(
+        0.21, abs=1e-6
+    )
+    bins = reliability_bins(labels, probs)
+    expected = np.zeros(15, dtype=int)
+    expected[[7, 9, 13]] = [1, 2, 1]
+    assert len(bins["edges"]) == 16 and bins["count"].tolist() == expected.tolist()
+    filled = bins["count"] > 0
+    gaps = np.abs(bins["accuracy"] - bins["confidence"])[filled] * bins["count"][filled] / 4
+    assert gaps.sum() == pytest.approx(0.21, abs=1e-6)  # the diagram's bins are the metric's
+
+
+def grouped_report(out: Path) -> tuple[dict, list[str]]:
+    """write_report on 6 images of 3 cells (groups 10, 11, 12), two of them wrong."""
+    paths = []
+    for i in range(6):
+        paths.append(str(out.parent / f"cell{i}.png"))
+        Image.new("RGB", (16, 16), (0, 30 * i, 0)).save(paths[-1])
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = one_hot_probs([0, 0, 1, 0, 2, 1])
+    groups = [10, 10, 11, 11, 12, 12]
+    return write_report(out, paths, labels, probs, CLASSES, groups=groups, split="TEST"), paths
+
+
+def test_write_report_with_groups(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    returned, paths = grouped_report(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == returned and metrics["split"] == "TEST"
+    assert metrics["n_groups"] == 3
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["accuracy_ci95"] == pytest.approx([4 / 6, 4 / 6])  # one cell of each class
+    assert metrics["balanced_accuracy_ci95"] == pytest.approx([4 / 6, 4 / 6])  # 1 cell a class
+    assert metrics["cells_mostly_right"] == pytest.approx(1 / 3)  # cell 10 only: 11, 12 are 1/2
+    rows = list(csv.DictReader((out / "per_group.csv").open()))
+    assert [(r["group"], r["class"], r["images"]) for r in rows] == [
+        ("10", "A", "2"),
+        ("11", "B", "2"),
+        ("12", "C", "2"),
+    ]
+    assert [float(r["accuracy"]) for r in rows] == [1.0, 0.5, 0.5]
+    predictions = list(csv.DictReader((out / "predictions.csv").open()))
+    assert list(predictions[0]) == ["path", "label", "pred", *CLASSES, "group"]
+    assert [r["group"] for r in predictions] == ["10", "10", "11", "11", "12", "12"]
+    assert [r["path"] for r in predictions] == paths
+    with Image.open(out / "reliability.png") as im:
+        assert im.format == "PNG" and im.size == (600, 700)
+
+
+def test_format_table_shows_the_interval(tmp_path: Path) -> None:
+    metrics, _ = grouped_report(tmp_path / "report")
+    table = format_table(metrics)
+    low, high = metrics["accuracy_ci95"]
+    assert f"accuracy 0.6667 [{low:.3f}, {high:.3f}] over 3 cells" in table
+    assert "balanced accuracy 0.6667 [0.667, 0.667]" in table
+    assert f"ECE {metrics['calibration_error']:.4f}" in table
+    assert "cells mostly right 0.333" in table
+    plain = classification_metrics(np.array([0, 1]), one_hot_probs([0, 1]), CLASSES)
+    assert "cells" not in format_table(plain) and "[" not in format_table(plain)
 
 
 def test_errors_png_without_errors(tmp_path: Path) -> None:
@@ -88,9 +173,12 @@ def test_curves(tmp_path: Path) -> None:
         assert im.format == "PNG" and im.size == (1000, 400)
 
 
-def run_test_report(out: Path, n: int, world_size: int, batches: int | None) -> None:
+def run_test_report(
+    out: Path, n: int, world_size: int, batches: int | None, report_groups=None
+) -> None:
     """TestReport at the end of a test on `n` images, as rank 0 of `world_size` processes that
-    each scored their first `batches` batches of 2 (None: all), through Lightning's sampler."""
+    each scored their first `batches` batches of 2 (None: all), through Lightning's sampler; the
+    datamodule has `report_groups` when it is given."""
     paths = [f"img{i}.jpeg" for i in range(n)]
     # Image i is of class i % 3 and predicted so; its probability of class A encodes i.
     labels = torch.arange(n) % 3
@@ -108,6 +196,8 @@ def run_test_report(out: Path, n: int, world_size: int, batches: int | None) -> 
         outputs = {"probs": shares[0][0][i : i + 2], "labels": shares[0][1][i : i + 2]}
         report.on_test_batch_end(None, None, outputs, None, i // 2)
     dm = SimpleNamespace(test_paths=paths, hparams=SimpleNamespace(split="TEST"), root=".")
+    if report_groups is not None:
+        dm.report_groups = report_groups
     trainer = SimpleNamespace(world_size=world_size, is_global_zero=True, datamodule=dm)
     trainer.ckpt_path = None
 
@@ -137,3 +227,26 @@ def test_report_covers_exactly_the_scored_images(
     if limited:
         assert f"the first {scored} of the 7 images of TEST" in limited[0]
     assert ("of the split's 7" in format_table(metrics)) == (scored < 7)
+
+
+def test_report_asks_the_datamodule_for_groups(tmp_path: Path) -> None:
+    asked = []
+
+    def report_groups(paths: list[str]) -> list[int]:
+        asked.append(list(paths))
+        return [int(p.removeprefix("img").removesuffix(".jpeg")) // 2 for p in paths]
+
+    run_test_report(tmp_path, 7, 2, 1, report_groups)  # 4 of the 7 images scored
+    assert asked == [[f"img{i}.jpeg" for i in range(4)]]  # the scored images only, in order
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n_groups"] == 2 and metrics["accuracy_ci95"] == [1.0, 1.0]
+    rows = list(csv.DictReader((tmp_path / "per_group.csv").open()))
+    assert [(r["group"], r["images"]) for r in rows] == [("0", "2"), ("1", "2")]
+
+
+def test_report_lets_a_grouping_error_through(tmp_path: Path) -> None:
+    def report_groups(paths: list[str]) -> list[int]:
+        raise CellclsError("no sources.csv")
+
+    with pytest.raises(CellclsError, match="no sources.csv"):
+        run_test_report(tmp_path, 4, 1, None, report_groups)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,3 +82,17 @@ def test_search_runs_and_resumes(tmp_path: Path, synthetic_cache: Path) -> None:
     assert all(r["status"] == "completed" and r["val/acc_best"] for r in rows)
     values = [float(r["val/acc_best"]) for r in rows]
     assert values == sorted(values, reverse=True)
+
+
+@pytest.mark.slow
+def test_search_on_cross_validation(tmp_path: Path, synthetic_cache: Path) -> None:
+    """search.cv_folds=K: a trial's value is its pooled out-of-fold accuracy."""
+    args = [*FAST, *TINY, "hydra.run.dir=outputs/search", "hparams_search.n_trials=1"]
+    result = run_module("cellcls.search", [*args, "search.cv_folds=2"], tmp_path, synthetic_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "outputs" / "search"
+    cv = json.loads((out / "0" / "cv_metrics.json").read_text())
+    assert cv["folds"] == 2 and (out / "0" / "fold_1" / "fold.json").is_file()
+    study = optuna.load_study(study_name="smallcnn", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert study.trials[0].value == pytest.approx(cv["oof_accuracy"])
+    assert "test_ensemble_accuracy" not in cv  # trials choose; TEST is not scored

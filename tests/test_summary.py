@@ -53,6 +53,23 @@ def test_summary_is_sorted_best_first_with_failures_last(tmp_path: Path) -> None
         assert im.size[0] > 300
 
 
+def test_a_sweep_of_cross_validations_ranks_by_oof_accuracy_with_its_interval(
+    tmp_path: Path,
+) -> None:
+    for name, augment, acc in (("0", "light", 0.81), ("1", "strong", 0.86)):
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- augment={augment}\n")
+        (job / ".hydra" / "config.yaml").write_text("optimized_metric: oof_accuracy\n")
+        cv = {"oof_accuracy": acc, "oof_accuracy_ci95": [acc - 0.05, acc + 0.04]}
+        (job / "cv_metrics.json").write_text(json.dumps(cv))
+    write_summary(tmp_path)
+    rows = read_rows(tmp_path)
+    assert [r["augment"] for r in rows] == ["strong", "light"]
+    assert float(rows[0]["oof_accuracy"]) == 0.86 and rows[0]["ci95"] == "[0.810, 0.900]"
+    assert rows[0]["status"] == "completed"  # cv_metrics.json: the job finished
+
+
 def test_rebuild_from_the_command_line(tmp_path: Path, capsys) -> None:
     fake_job(tmp_path, "0", "1e-3", 0.5, "completed")
     fake_job(tmp_path, "1", "1e-4", 0.75, "completed")

@@ -25,11 +25,17 @@ from cellcls.data.decode import (
 )
 from cellcls.data.device import DeviceBatches, fits_on
 from cellcls.data.download import ensure_dataset
-from cellcls.data.generate import generate_dataset
+from cellcls.data.generate import generate_dataset, read_sources
 from cellcls.data.layout import ClassFolder, check_classes, find_split_root, warn_not_images
 from cellcls.data.matching import load_groups
 from cellcls.data.settings import SETTINGS
-from cellcls.data.splits import HOLDOUT, grouped_split, random_indices, shared_groups
+from cellcls.data.splits import (
+    HOLDOUT,
+    fold_indices,
+    grouped_split,
+    random_indices,
+    shared_groups,
+)
 from cellcls.data.store import load_images
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,8 @@ class BloodCellsDataModule(L.LightningDataModule):
         crop: int | None = None,
         val_fraction: float = 0.2,
         val_split: str = "grouped",
+        folds: int | None = None,
+        fold: int = 0,
         batch_size: int = 16,
         num_workers: int | None = None,
         seed: int = 42,
@@ -111,7 +119,8 @@ class BloodCellsDataModule(L.LightningDataModule):
             for split in splits:
                 paths = self.image_paths(split)
                 load_images(paths, hp.image_size, hp.cache_dir, name=split, crop=hp.crop)
-        grouped = hp.val_split == "grouped" and hp.val_fraction > 0 and hp.cache_dir
+        held_out = hp.val_fraction > 0 or hp.folds
+        grouped = hp.val_split == "grouped" and held_out and hp.cache_dir
         if grouped and hp.train_split in splits:
             self.source_groups(hp.train_split, write=True)
 
@@ -127,7 +136,7 @@ class BloodCellsDataModule(L.LightningDataModule):
             check_classes(split_root / split, self.classes)
         if needs_train and self.train_set is None:
             full = self._dataset(split_root / hp.train_split)
-            if hp.val_fraction == 0:  # refit on every cell once the recipe is chosen
+            if hp.val_fraction == 0 and not hp.folds:  # refit on every cell once chosen
                 train, val = list(range(len(full))), []
                 log.info(
                     "data.val_fraction=0: training on all %d images of %s, no validation",
@@ -158,20 +167,42 @@ class BloodCellsDataModule(L.LightningDataModule):
         groups = load_groups(paths, self.hparams.cache_dir, "+".join(splits), write=write)
         return dict(zip(paths, groups.tolist(), strict=True))
 
+    def report_groups(self, paths: Sequence[str]) -> list[int]:
+        """The source group of each of `paths` (the test images), for intervals over cells:
+        TRAIN's groups for its held-out part (`split=val`), else the split folder's (computed
+        once and, with `cache_dir`, kept beside the stores)."""
+        hp = self.hparams
+        folder = hp.train_split if hp.split == HOLDOUT else hp.split
+        groups = self.source_groups(folder, write=hp.cache_dir is not None)
+        return [groups[path] for path in paths]
+
     def _grouped_split(self, samples: Sequence[tuple[str, int]]) -> tuple[list[int], list[int]]:
         """Train and validation indices of `samples` (TRAIN) that share no source group."""
         hp = self.hparams
         groups = self.source_groups(hp.train_split)
         ids = [groups[path] for path, _ in samples]
-        train, val = grouped_split(ids, [y for _, y in samples], hp.val_fraction, hp.seed)
-        n_groups = len(set(ids))
-        if not val:
+        labels, n_groups = [y for _, y in samples], len(set(ids))
+        enough = n_groups >= (hp.folds or 2)
+        if enough and hp.folds:
+            train, val = fold_indices(ids, labels, hp.folds, hp.fold, hp.seed)
+        elif enough:
+            train, val = grouped_split(ids, labels, hp.val_fraction, hp.seed)
+        if not enough or not val:
             raise CellclsError(
                 f"data.val_split=grouped: {hp.train_split} holds only {n_groups} source group(s) "
-                "per class or too few to hold any out for validation. Add images of more "
-                "cells, or use data.val_split=random (optimistic: copies of one cell fall on "
-                "both sides)."
+                "per class or too few to hold any out for validation"
+                + (f" in {hp.folds} folds (data.folds)" if hp.folds else "")
+                + ". Add images of more cells, or use data.val_split=random (optimistic: copies "
+                "of one cell fall on both sides)."
             )
+        if hp.folds:
+            log.info(
+                "Fold %d of %d: validation holds out %d of %d source groups of %s (%d of %d "
+                "images); no group is on both sides.",
+                *(hp.fold, hp.folds, len({ids[i] for i in val}), n_groups, hp.train_split),
+                *(len(val), len(samples)),
+            )
+            return train, val
         random_leak = shared_groups(ids, *random_indices(len(samples), hp.val_fraction, hp.seed))
         log.info(
             "Validation holds out %d of %d source groups of %s (%d of %d images); no group is on "
@@ -320,6 +351,12 @@ class SyntheticDataModule(BloodCellsDataModule):
     ) -> None:
         super().__init__(root, **kwargs)
         require(is_whole(copies, 1), "data.copies", copies, "an integer >= 1")
+
+    def report_groups(self, paths: Sequence[str]) -> list[int]:
+        """The generator's recorded source cells (`sources.csv`): the truth, not a matching."""
+        ids: dict[str, int] = {}
+        source = {r["path"]: ids.setdefault(r["source"], len(ids)) for r in read_sources(self.root)}
+        return [source[Path(p).relative_to(self.root).as_posix()] for p in paths]
 
     def prepare_data(self) -> None:
         if not self.root.exists():

@@ -34,6 +34,21 @@ SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
         "null (whole image) or the side in pixels of the square cut around the white cell",
     ),
     ("val_split", lambda h: h.val_split in VAL_SPLITS, "grouped or random"),
+    (
+        "folds",
+        lambda h: h.folds is None or is_whole(h.folds, 2),
+        "null (one grouped split) or the number of cross-validation folds, >= 2",
+    ),
+    (
+        "fold",
+        lambda h: h.folds is None or (is_whole(h.fold, 0) and h.fold < h.folds),
+        "an integer from 0 to data.folds - 1",
+    ),
+    (
+        "folds",
+        lambda h: h.folds is None or h.val_split == "grouped",
+        "null with data.val_split=random: folds hold out whole source cells",
+    ),
     ("batch_size", lambda h: is_whole(h.batch_size, 1), "an integer >= 1"),
     (
         "val_fraction",
@@ -42,7 +57,7 @@ SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
     ),
     (
         "split",
-        lambda h: h.val_fraction > 0 or h.split != HOLDOUT,
+        lambda h: h.val_fraction > 0 or h.folds or h.split != HOLDOUT,
         "a folder such as TEST: with data.val_fraction=0 no validation images are held out",
     ),
     (

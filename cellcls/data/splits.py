@@ -43,6 +43,19 @@ def grouped_split(
     return np.flatnonzero(~in_val).tolist(), np.flatnonzero(in_val).tolist()
 
 
+def fold_indices(
+    groups: Sequence[int], labels: Sequence[int], folds: int, fold: int, seed: int
+) -> tuple[list[int], list[int]]:
+    """Train and validation indices of fold `fold` of `folds`: whole groups, each validated in
+    exactly one fold, classes as balanced over folds as the groups allow, in a seeded order
+    (scikit-learn's `StratifiedGroupKFold`, the well-kept reference)."""
+    from sklearn.model_selection import StratifiedGroupKFold  # only for cross-validation
+
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train, val = list(splitter.split(np.zeros(len(labels)), labels, groups))[fold]
+    return train.tolist(), val.tolist()
+
+
 def random_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Train and validation indices of a seeded random split of `n` images (`val_split=random`,
     the tutorial's protocol)."""

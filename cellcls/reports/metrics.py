@@ -1,7 +1,9 @@
-"""Metrics and the files of a test report: metrics.json, predictions.csv, the confusion matrix.
+"""Metrics and the files of a test report: metrics.json, predictions.csv, the confusion matrix,
+per_group.csv and the reliability diagram.
 
 The one place that turns labels and probabilities into figures a researcher reads; the pictures
-are drawn by `cellcls.reports.plots`.
+are drawn by `cellcls.reports.plots`, the intervals over source cells computed by
+`cellcls.reports.intervals`.
 """
 
 from __future__ import annotations
@@ -13,14 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torchmetrics.classification import MulticlassCalibrationError
 
-from cellcls.reports.plots import plot_confusion, plot_errors
+from cellcls.reports.intervals import cells_mostly_right, cluster_bootstrap, per_group
+from cellcls.reports.plots import plot_confusion, plot_errors, plot_reliability
+
+N_BINS = 15  # of the calibration error and the reliability diagram
 
 
 def classification_metrics(
     labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]
 ) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1, loss and per-class precision/recall/F1/support."""
+    """Accuracy, balanced accuracy, macro-F1, loss, calibration error and per-class
+    precision/recall/F1/support."""
     n = len(classes)
     preds = probs.argmax(1)
     cm = np.bincount(labels * n + preds, minlength=n * n).reshape(n, n)
@@ -36,6 +44,7 @@ def classification_metrics(
         "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "loss": float(-np.log(np.clip(p_true, 1e-12, None)).mean()) if len(labels) else 0.0,
+        "calibration_error": calibration_error(labels, probs),
         "n_images": len(labels),
         "classes": list(classes),
         "per_class": {
@@ -51,6 +60,34 @@ def classification_metrics(
     }
 
 
+def calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Expected calibration error (ECE): over `n_bins` equal-width bins of the top probability,
+    the image-weighted mean gap |accuracy - mean confidence| (torchmetrics'
+    `MulticlassCalibrationError`, norm "l1"). 0.0 without images."""
+    if not len(labels):
+        return 0.0
+    metric = MulticlassCalibrationError(probs.shape[1], n_bins=n_bins, norm="l1")
+    value = metric(torch.as_tensor(np.asarray(probs)), torch.as_tensor(np.asarray(labels)).long())
+    return float(value)
+
+
+def reliability_bins(
+    labels: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS
+) -> dict[str, np.ndarray]:
+    """The reliability diagram's bins, as torchmetrics bins for the calibration error: `edges`
+    (n_bins + 1, from 0 to 1; a top probability of 1 falls in the last bin), and per bin `count`,
+    `confidence` (mean top probability) and `accuracy` (NaN for an empty bin)."""
+    confidence = probs.max(1).astype(np.float64)
+    right = (probs.argmax(1) == labels).astype(np.float64)
+    edges = np.linspace(0, 1, n_bins + 1)
+    index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_conf = np.bincount(index, weights=confidence, minlength=n_bins) / count
+        accuracy = np.bincount(index, weights=right, minlength=n_bins) / count
+    return {"edges": edges, "count": count, "confidence": mean_conf, "accuracy": accuracy}
+
+
 def format_table(metrics: Mapping[str, Any]) -> str:
     """A short per-class table with the overall figures, for the console."""
     scored = metrics["n_images"]
@@ -61,12 +98,28 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         lines.append(
             f"{c:<12} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} {m['support']:>8}"
         )
+    accuracy, balanced = f"{metrics['accuracy']:.4f}", f"{metrics['balanced_accuracy']:.4f}"
+    if "accuracy_ci95" in metrics:  # 95% intervals over source cells (cellcls.reports.intervals)
+        accuracy += f" {interval(metrics['accuracy_ci95'])} over {metrics['n_groups']} cells"
+        balanced += f" {interval(metrics['balanced_accuracy_ci95'])}"
+    ece = metrics.get("calibration_error")
     lines.append(
-        f"accuracy {metrics['accuracy']:.4f} · balanced accuracy "
-        f"{metrics['balanced_accuracy']:.4f} · macro-F1 {metrics['macro_f1']:.4f} · "
-        f"loss {metrics['loss']:.4f} · {scored} images"
+        f"accuracy {accuracy} · balanced accuracy {balanced} · macro-F1 "
+        f"{metrics['macro_f1']:.4f} · loss {metrics['loss']:.4f}"
+        + (f" · ECE {ece:.4f}" if ece is not None else "")
+        + f" · {scored} images"
+        + (
+            f" · cells mostly right {metrics['cells_mostly_right']:.3f}"
+            if "cells_mostly_right" in metrics
+            else ""
+        )
     )
     return "\n".join(lines)
+
+
+def interval(bounds: Sequence[float]) -> str:
+    """A 95% interval as the console shows it: `[0.751, 0.950]`."""
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
 def write_report(
@@ -75,18 +128,34 @@ def write_report(
     labels: np.ndarray,
     probs: np.ndarray,
     classes: Sequence[str],
+    groups: Sequence[Any] | None = None,
     **info: Any,
 ) -> dict[str, Any]:
-    """Write metrics.json, predictions.csv, confusion_matrix.{csv,png} and errors.png.
+    """Write metrics.json, predictions.csv, confusion_matrix.{csv,png}, errors.png and
+    reliability.png; with `groups` (each image's source group) also per_group.csv.
 
-    `info` (e.g. split, checkpoint, n_split: the images in the split, when only `n_images` of
-    them were scored) is stored in metrics.json as it is. Returns the metrics.
+    With groups, metrics.json gains the 95% intervals over source cells (`accuracy_ci95`,
+    `balanced_accuracy_ci95`, `n_groups`: `cellcls.reports.intervals.cluster_bootstrap`) and
+    `cells_mostly_right`, and predictions.csv a last column, `group`. `info` (e.g. split,
+    checkpoint, n_split: the images in the split, when only `n_images` of them were scored) is
+    stored in metrics.json as it is. Returns the metrics.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = classification_metrics(labels, probs, classes) | info
+    metrics = classification_metrics(labels, probs, classes)
+    if groups is not None and len(labels):
+        correct = probs.argmax(1) == labels
+        ci = cluster_bootstrap(correct, labels, groups, classes=classes)
+        rows = per_group(groups, labels, correct, classes)
+        metrics |= {k: ci[k] for k in ("accuracy_ci95", "balanced_accuracy_ci95", "n_groups")}
+        metrics["cells_mostly_right"] = cells_mostly_right(rows)
+        with (out / "per_group.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, ["group", "class", "images", "accuracy"])
+            writer.writeheader()
+            writer.writerows(r | {"accuracy": f"{r['accuracy']:.6f}"} for r in rows)
+    metrics |= info
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_predictions(out / "predictions.csv", paths, probs, classes, labels)
+    write_predictions(out / "predictions.csv", paths, probs, classes, labels, groups)
     cm = np.asarray(metrics["confusion_matrix"])
     with (out / "confusion_matrix.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -94,6 +163,8 @@ def write_report(
         writer.writerows([c, *map(int, r)] for c, r in zip(classes, cm, strict=True))
     plot_confusion(cm, classes, out / "confusion_matrix.png")
     plot_errors(paths, labels, probs, classes, out / "errors.png")
+    bins = reliability_bins(labels, probs)
+    plot_reliability(bins, metrics["calibration_error"], out / "reliability.png")
     return metrics
 
 
@@ -103,15 +174,28 @@ def write_predictions(
     probs: np.ndarray,
     classes: Sequence[str],
     labels: np.ndarray | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> None:
-    """predictions.csv: path, [label,] predicted class and one probability column per class.
+    """predictions.csv: path, [label,] predicted class, one probability column per class [and
+    the image's source group].
 
-    eval writes the true label too; predict, on images without one, leaves that column out.
+    eval writes the true label too; predict, on images without one, leaves that column out. The
+    group (when the test report knows it) comes last, so readers of the columns before it are
+    unchanged; `cellcls.compare` pairs two runs' images by path and resamples them by group.
     """
     preds = probs.argmax(1)
     with file.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", *(["label"] if labels is not None else []), "pred", *classes])
+        writer.writerow(
+            [
+                "path",
+                *(["label"] if labels is not None else []),
+                "pred",
+                *classes,
+                *(["group"] if groups is not None else []),
+            ]
+        )
         for i, (path, p, row) in enumerate(zip(paths, preds, probs, strict=True)):
             label = [classes[labels[i]]] if labels is not None else []
-            writer.writerow([path, *label, classes[p], *(f"{v:.6f}" for v in row)])
+            group = [groups[i]] if groups is not None else []
+            writer.writerow([path, *label, classes[p], *(f"{v:.6f}" for v in row), *group])

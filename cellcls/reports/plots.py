@@ -1,4 +1,5 @@
-"""Every PNG cellcls writes: confusion matrices, errors, training curves, groups, crops.
+"""Every PNG cellcls writes: confusion matrices, errors, reliability, training curves, groups,
+crops.
 
 Figures use matplotlib's object API (no pyplot), so nothing depends on a display or a backend.
 """
@@ -77,6 +78,45 @@ def plot_errors(
         )
         ax.axis("off")
     fig.savefig(path, dpi=80)
+
+
+def plot_reliability(bins: Mapping[str, np.ndarray], ece: float, path: Path) -> None:
+    """The reliability diagram: per bin of the top probability, accuracy against mean confidence
+    (a calibrated model's bars meet the diagonal), and below it the images in each bin.
+
+    `bins` is `cellcls.reports.metrics.reliability_bins`' (edges, count, confidence, accuracy)."""
+    edges, count = np.asarray(bins["edges"]), np.asarray(bins["count"])
+    left, width = edges[:-1], np.diff(edges)
+    filled = count > 0
+    fig = Figure(figsize=(6, 7), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    top.bar(
+        left[filled],
+        np.asarray(bins["accuracy"])[filled],
+        width[filled],
+        align="edge",
+        color="tab:blue",
+        edgecolor="white",
+        label="accuracy",
+    )
+    top.plot(
+        np.asarray(bins["confidence"])[filled],
+        np.asarray(bins["accuracy"])[filled],
+        "o",
+        color="tab:red",
+        markersize=4,
+        label="mean confidence, accuracy",
+    )
+    top.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+    top.set(ylim=(0, 1.05), ylabel="accuracy", title=f"reliability (ECE {ece:.4f})")
+    top.legend(loc="upper left")
+    top.grid(alpha=0.3)
+    bottom.bar(left, count, width, align="edge", color="tab:grey", edgecolor="white")
+    for x, w, c in zip(left[filled], width[filled], count[filled], strict=True):
+        bottom.text(x + w / 2, c, str(int(c)), ha="center", va="bottom", fontsize=7)
+    bottom.set(xlim=(0, 1), xlabel="confidence (top probability)", ylabel="images")
+    bottom.set_ylim(0, max(int(count.max(initial=0)), 1) * 1.25)
+    fig.savefig(path, dpi=100)
 
 
 def plot_curves(history: Sequence[Mapping[str, float]], path: str | Path) -> None:

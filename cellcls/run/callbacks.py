@@ -128,6 +128,9 @@ class TestReport(L.Callback):
     `limit_test_batches`) scores the split's first images, on one process or interleaved over
     several: the report covers exactly those, and says how many of the split they are
     (`n_images` of `n_split` in metrics.json, and a warning).
+
+    A datamodule with `report_groups(paths)` (the source group of each test image) gets 95%
+    intervals over source cells in the report, and `per_group.csv`; its errors are not caught.
     """
 
     def __init__(self, out_dir: str | Path, checkpoint: str | Sequence[str] | None = None) -> None:
@@ -175,12 +178,14 @@ class TestReport(L.Callback):
                 len(paths),
                 dm.hparams.split,
             )
+        report_groups = getattr(dm, "report_groups", None)
         metrics = write_report(
             self.out_dir,
             paths[:n],
             labels[:n].numpy(),
             probs[:n].numpy(),
             pl_module.classes,
+            groups=report_groups(paths[:n]) if report_groups is not None else None,
             n_split=len(paths),
             split=dm.hparams.split,
             val_split=val_split(dm.hparams),  # what chose val/* and the checkpoint

@@ -27,7 +27,7 @@ CONFIG_KEY = "cellcls_config"
 # Data settings the members of an ensemble must share: what their input images are ...
 SAME_INPUT = ("classes", "image_size", "crop")
 # ... and, to score the validation part of TRAIN (data.split=val), which cells it holds.
-SAME_HOLDOUT = ("train_split", "val_fraction", "val_split", "seed")
+SAME_HOLDOUT = ("train_split", "val_fraction", "val_split", "folds", "fold", "seed")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,195 @@
+"""`python -m cellcls.cv`: K-fold cross-validation by source cell of any recipe, pooled out of fold.
+
+Every source cell of TRAIN is validated exactly once, by the fold model that never saw it; the
+out-of-fold (OOF) predictions over all cells are the estimate, with an interval over cells. The K
+fold models then score the official TEST together (the mean of their probabilities) and one by
+one. The folds run one after another; a fold that finished is kept, so an interrupted CV resumes
+where it stopped (an unfinished fold resumes from its `last.ckpt`).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from cellcls import CONFIG_DIR
+from cellcls.core.errors import CellclsError, exit_on_user_error, is_whole, require
+from cellcls.reports.intervals import cluster_bootstrap
+from cellcls.reports.metrics import classification_metrics, reliability_bins
+from cellcls.reports.plots import plot_confusion, plot_reliability
+from cellcls.run.callbacks import TestReport
+from cellcls.run.checkpoint import restore
+from cellcls.run.config_tree import print_config_tree
+from cellcls.train import train
+
+log = logging.getLogger(__name__)
+DONE = "fold.json"  # written into a fold's folder once its model and OOF predictions are final
+
+
+def fold_config(cfg: DictConfig, fold: int, out: Path) -> DictConfig:
+    """The training config of fold `fold`: the recipe, that fold held out, its own folder, no
+    test (the fold models score TEST together at the end)."""
+    fold_cfg = copy.deepcopy(cfg)
+    with open_dict(fold_cfg):
+        fold_cfg.data.folds, fold_cfg.data.fold = cfg.cv.folds, fold
+        fold_cfg.paths.output_dir = str(out)
+        fold_cfg.test, fold_cfg.optimized_metric = False, None
+        last = out / "checkpoints" / "last.ckpt"
+        fold_cfg.ckpt_path = str(last) if last.is_file() else None  # resume an unfinished fold
+    return fold_cfg
+
+
+def score(cfg: DictConfig, ckpt: str | Sequence[str], split: str, out: Path) -> dict[str, Any]:
+    """Test checkpoint `ckpt` (a list: their ensemble) on `split` (`val`: the fold's held-out
+    cells) with the test report into `out`; returns the report's metrics.json."""
+    scored = copy.deepcopy(cfg)
+    with open_dict(scored):
+        scored.data.split = split
+    restored = restore(ckpt, scored, ensemble=True)
+    report = TestReport(out, checkpoint=ckpt)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=[report], logger=False, enable_progress_bar=False
+    )
+    trainer.test(restored.model, datamodule=restored.datamodule)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def best_checkpoint(fold_dir: Path) -> str:
+    """The fold's checkpoint chosen on its held-out cells (`epoch_*.ckpt`), else `last.ckpt`."""
+    best = sorted((fold_dir / "checkpoints").glob("epoch_*.ckpt"))
+    return str(best[-1] if best else fold_dir / "checkpoints" / "last.ckpt")
+
+
+def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict[str, Any]:
+    """Train fold `fold` unless it is done, then score its held-out cells; returns fold.json."""
+    fold_dir = out / f"fold_{fold}"
+    done = fold_dir / DONE
+    if done.is_file():
+        log.info("Fold %d of %d is done (%s): kept.", fold, cfg.cv.folds, done)
+        return json.loads(done.read_text())
+    log.info("Fold %d of %d: training in %s", fold, cfg.cv.folds, fold_dir)
+    fold_cfg = fold_config(cfg, fold, fold_dir)
+    train(fold_cfg)
+    ckpt = best_checkpoint(fold_dir)
+    oof = score(fold_cfg, ckpt, "val", fold_dir / "oof")
+    record = {"fold": fold, "checkpoint": ckpt, "val_accuracy": oof["accuracy"]}
+    done.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def pool_oof(out: Path, folds: int, classes: Sequence[str]) -> list[dict[str, Any]]:
+    """Every fold's held-out predictions, as one table: path, group, fold, label, predicted and
+    one probability per class; each TRAIN image exactly once."""
+    rows = []
+    for fold in range(folds):
+        with (out / f"fold_{fold}" / "oof" / "predictions.csv").open(newline="") as f:
+            for r in csv.DictReader(f):
+                probs = {c: float(r[c]) for c in classes}
+                rows.append(
+                    {"path": r["path"], "group": int(r["group"]), "fold": fold}
+                    | {"label": r["label"], "predicted": r["pred"]}
+                    | probs
+                )
+    paths = [r["path"] for r in rows]
+    if len(set(paths)) != len(paths):
+        raise CellclsError(f"cv: an image was held out by two folds in {out}; delete the folds")
+    return rows
+
+
+def write_oof(out: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict:
+    """oof_predictions.csv, its metrics with an interval over cells, and its two plots."""
+    with (out / "oof_predictions.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["path", "group", "fold", "label", "predicted", *classes])
+        writer.writeheader()
+        writer.writerows(
+            {k: f"{v:.6f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows
+        )
+    labels = np.array([classes.index(r["label"]) for r in rows])
+    probs = np.array([[r[c] for c in classes] for r in rows])
+    groups = np.array([r["group"] for r in rows])
+    metrics = classification_metrics(labels, probs, classes)
+    interval = cluster_bootstrap(probs.argmax(1) == labels, labels, groups)
+    plot_confusion(
+        np.asarray(metrics["confusion_matrix"]), classes, out / "oof_confusion_matrix.png"
+    )
+    bins = reliability_bins(labels, probs)
+    plot_reliability(bins, metrics["calibration_error"], out / "oof_reliability.png")
+    return metrics | interval
+
+
+def cross_validate(cfg: DictConfig) -> dict[str, Any]:
+    """Train the K folds (those not done yet), pool their held-out predictions and, unless
+    `test=false`, score TEST with the fold ensemble and with each fold model."""
+    require(is_whole(cfg.cv.folds, 2), "cv.folds", cfg.cv.folds, "an integer >= 2")
+    out = Path(cfg.paths.output_dir)
+    classes = list(cfg.data.classes)
+    records = [run_fold(cfg, fold, out) for fold in range(cfg.cv.folds)]
+    oof = write_oof(out, pool_oof(out, cfg.cv.folds, classes), classes)
+    result: dict[str, Any] = {
+        "folds": cfg.cv.folds,
+        "n_images": oof["n_images"],
+        "n_groups": oof["n_groups"],
+        "oof_accuracy": oof["accuracy"],
+        "oof_accuracy_ci95": oof["accuracy_ci95"],
+        "oof_balanced_accuracy": oof["balanced_accuracy"],
+        "oof_balanced_accuracy_ci95": oof["balanced_accuracy_ci95"],
+        "fold_accuracy": [r["val_accuracy"] for r in records],
+        "calibration_error": oof["calibration_error"],
+        "checkpoints": [r["checkpoint"] for r in records],
+    }
+    if cfg.get("test"):
+        ckpts = result["checkpoints"]
+        ensemble = score(cfg, ckpts, cfg.data.split, out / "test_ensemble")
+        result["test_ensemble_accuracy"] = ensemble["accuracy"]
+        result["test_ensemble_accuracy_ci95"] = ensemble.get("accuracy_ci95")
+        result["test_fold_accuracy"] = [
+            score(cfg, c, cfg.data.split, out / f"fold_{i}" / "test")["accuracy"]
+            for i, c in enumerate(ckpts)
+        ]
+    (out / "cv_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "cv.md").write_text(cv_table(result))
+    log.info("Cross-validation in %s\n%s", out, cv_table(result))
+    return result
+
+
+def cv_table(r: dict[str, Any]) -> str:
+    """cv.md: one row per fold (its held-out cells' accuracy, its TEST accuracy), then pooled."""
+    tests = r.get("test_fold_accuracy") or [None] * r["folds"]
+    lines = ["| fold | held-out accuracy | TEST accuracy |", "| --- | --- | --- |"]
+    for fold, (val, test) in enumerate(zip(r["fold_accuracy"], tests, strict=True)):
+        lines.append(f"| {fold} | {val:.3f} | {'-' if test is None else f'{test:.3f}'} |")
+    low, high = r["oof_accuracy_ci95"]
+    pooled = f"| pooled out of fold | {r['oof_accuracy']:.3f} [{low:.3f}, {high:.3f}] |"
+    if "test_ensemble_accuracy" in r:
+        t_low, t_high = r["test_ensemble_accuracy_ci95"] or (float("nan"),) * 2
+        pooled += f" ensemble {r['test_ensemble_accuracy']:.3f} [{t_low:.3f}, {t_high:.3f}] |"
+    else:
+        pooled += " - |"
+    note = (
+        f"\n{r['n_images']} TRAIN images of {r['n_groups']} source cells, each held out once; "
+        "95% intervals over cells (cluster bootstrap within class, 2,000 resamples).\n"
+    )
+    return "\n".join([*lines, pooled]) + "\n" + note
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="cv")
+@exit_on_user_error
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the pooled out-of-fold accuracy, for sweepers."""
+    print_config_tree(cfg, cfg.paths.output_dir)
+    return cross_validate(cfg)["oof_accuracy"]
+
+
+if __name__ == "__main__":
+    main()
