@@ -100,6 +100,14 @@ def make_dm(root: Path, **kw) -> BloodCellsDataModule:
     return BloodCellsDataModule(root, **kw)
 
 
+def split_groups(dm: BloodCellsDataModule) -> tuple[set[int], set[int]]:
+    """The source groups of a set-up datamodule's training and validation parts."""
+    groups = dm.source_groups(dm.hparams.train_split)
+    samples = dm.train_set.dataset.samples
+    train = {groups[samples[i][0]] for i in dm.train_set.indices}
+    return train, {groups[samples[i][0]] for i in dm.val_set.indices}
+
+
 def best_checkpoint(run: Path) -> Path:
     """The one best checkpoint (`epoch_*.ckpt`) of a run folder."""
     (best,) = (run / "checkpoints").glob("epoch_*.ckpt")

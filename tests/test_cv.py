@@ -13,7 +13,7 @@ from cellcls.core.errors import CellclsError
 from cellcls.cv import cross_validate
 from cellcls.data.generate import generate_dataset
 from cellcls.data.splits import fold_indices
-from tests.conftest import FAST, compose_run, make_dm
+from tests.conftest import FAST, compose_run, make_dm, split_groups
 
 
 def test_folds_validate_every_group_once_and_never_split_one() -> None:
@@ -43,10 +43,7 @@ def test_datamodule_folds_partition_train(cells: Path) -> None:
     for fold in range(3):
         dm = make_dm(cells, folds=3, fold=fold)
         dm.setup("fit")
-        groups = dm.source_groups("TRAIN")
-        samples = dm.train_set.dataset.samples
-        train = {groups[samples[i][0]] for i in dm.train_set.indices}
-        val = {groups[samples[i][0]] for i in dm.val_set.indices}
+        train, val = split_groups(dm)
         assert val and not train & val
         held_out += dm.val_set.indices
     assert sorted(held_out) == list(range(4 * 8))  # every TRAIN image held out exactly once

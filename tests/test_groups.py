@@ -18,7 +18,7 @@ from cellcls.data.generate import generate_dataset, read_sources
 from cellcls.data.matching import find_groups, load_groups
 from cellcls.data.splits import grouped_split, shared_groups
 from cellcls.groups import report
-from tests.conftest import CONF_DIR, FAST, make_dm, run_module
+from tests.conftest import CONF_DIR, FAST, make_dm, run_module, split_groups
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +84,9 @@ def test_datamodule_holds_out_whole_groups(copies_root: Path, tmp_path: Path) ->
     dm = make_dm(copies_root, val_split="grouped", cache_dir=tmp_path, seed=5)
     dm.prepare_data()
     dm.setup("fit")
-    groups = dm.source_groups("TRAIN")
-    samples = dm.train_set.dataset.samples
-    train = {groups[samples[i][0]] for i in dm.train_set.indices}
-    val = {groups[samples[i][0]] for i in dm.val_set.indices}
+    train, val = split_groups(dm)
     assert val and not train & val
+    samples = dm.train_set.dataset.samples
     assert 0.1 < len(dm.val_set) / len(samples) < 0.45
     # every class is validated on
     assert {samples[i][1] for i in dm.val_set.indices} == set(range(4))
