@@ -25,7 +25,7 @@ from cellcls.data.decode import (
 )
 from cellcls.data.device import DeviceBatches, fits_on
 from cellcls.data.download import ensure_dataset
-from cellcls.data.generate import generate_dataset, read_sources
+from cellcls.data.generate import SOURCES_CSV, generate_dataset, read_sources
 from cellcls.data.layout import ClassFolder, check_classes, find_split_root, warn_not_images
 from cellcls.data.matching import load_groups
 from cellcls.data.settings import SETTINGS
@@ -353,10 +353,19 @@ class SyntheticDataModule(BloodCellsDataModule):
         require(is_whole(copies, 1), "data.copies", copies, "an integer >= 1")
 
     def report_groups(self, paths: Sequence[str]) -> list[int]:
-        """The generator's recorded source cells (`sources.csv`): the truth, not a matching."""
+        """The generator's recorded source cells (`sources.csv`): the truth, not a matching. A
+        folder it did not write (another `data.root` or `data.split`) is matched as any other."""
+        if not (self.root / SOURCES_CSV).is_file():
+            return super().report_groups(paths)
         ids: dict[str, int] = {}
         source = {r["path"]: ids.setdefault(r["source"], len(ids)) for r in read_sources(self.root)}
-        return [source[Path(p).relative_to(self.root).as_posix()] for p in paths]
+        try:
+            keys = [Path(p).relative_to(self.root).as_posix() for p in paths]
+        except ValueError:  # not under root
+            keys = []
+        if not keys or not all(k in source for k in keys):
+            return super().report_groups(paths)
+        return [source[k] for k in keys]
 
     def prepare_data(self) -> None:
         if not self.root.exists():
