@@ -25,8 +25,7 @@ from omegaconf import DictConfig, open_dict
 
 from cellcls import CONFIG_DIR
 from cellcls.core.errors import CellclsError, exit_on_user_error, is_whole, require
-from cellcls.reports.intervals import cluster_bootstrap
-from cellcls.reports.metrics import classification_metrics, reliability_bins
+from cellcls.reports.metrics import grouped_metrics, interval, reliability_bins
 from cellcls.reports.plots import plot_confusion, plot_reliability
 from cellcls.run.callbacks import TestReport
 from cellcls.run.checkpoint import restore
@@ -118,14 +117,13 @@ def write_oof(out: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str])
     labels = np.array([classes.index(r["label"]) for r in rows])
     probs = np.array([[r[c] for c in classes] for r in rows])
     groups = np.array([r["group"] for r in rows])
-    metrics = classification_metrics(labels, probs, classes)
-    interval = cluster_bootstrap(probs.argmax(1) == labels, labels, groups)
+    metrics, _ = grouped_metrics(labels, probs, classes, groups)
     plot_confusion(
         np.asarray(metrics["confusion_matrix"]), classes, out / "oof_confusion_matrix.png"
     )
     bins = reliability_bins(labels, probs)
     plot_reliability(bins, metrics["calibration_error"], out / "oof_reliability.png")
-    return metrics | interval
+    return metrics
 
 
 def cross_validate(cfg: DictConfig) -> dict[str, Any]:
@@ -169,11 +167,10 @@ def cv_table(r: dict[str, Any]) -> str:
     lines = ["| fold | held-out accuracy | TEST accuracy |", "| --- | --- | --- |"]
     for fold, (val, test) in enumerate(zip(r["fold_accuracy"], tests, strict=True)):
         lines.append(f"| {fold} | {val:.3f} | {'-' if test is None else f'{test:.3f}'} |")
-    low, high = r["oof_accuracy_ci95"]
-    pooled = f"| pooled out of fold | {r['oof_accuracy']:.3f} [{low:.3f}, {high:.3f}] |"
+    pooled = f"| pooled out of fold | {r['oof_accuracy']:.3f} {interval(r['oof_accuracy_ci95'])} |"
     if "test_ensemble_accuracy" in r:
-        t_low, t_high = r["test_ensemble_accuracy_ci95"] or (float("nan"),) * 2
-        pooled += f" ensemble {r['test_ensemble_accuracy']:.3f} [{t_low:.3f}, {t_high:.3f}] |"
+        t_ci = interval(r["test_ensemble_accuracy_ci95"] or (float("nan"),) * 2)
+        pooled += f" ensemble {r['test_ensemble_accuracy']:.3f} {t_ci} |"
     else:
         pooled += " - |"
     note = (

@@ -25,6 +25,8 @@ from hydra.types import RunMode
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
+from cellcls.reports.metrics import interval
+
 JOB_FILE = "job.json"
 # Reported for every job besides its optimised metric: best validation and honest test accuracy.
 REPORTED = ("val/acc_best", "test/acc")
@@ -109,7 +111,7 @@ def write_summary(sweep_dir: str | Path, mode: str = "max") -> Path | None:
             "status": r["status"],
             **{k: r["params"].get(k, "") for k in keys},
             metric: r["value"],
-            **({"ci95": _interval(r["ci95"])} if intervals else {}),
+            **({"ci95": interval(r["ci95"]) if r["ci95"] else ""} if intervals else {}),
             **{k: r[k] for k in REPORTED},
             "seconds": "" if r["seconds"] is None else f"{r['seconds']:.1f}",
             "error": r["error"],
@@ -126,11 +128,6 @@ def write_summary(sweep_dir: str | Path, mode: str = "max") -> Path | None:
     _atomic_write(sweep / "summary.md", _markdown(md_header, table, sweep, metric, mode, same))
     plot_sweep(rows, swept_keys(rows) or keys, metric, sweep / "summary.png")
     return sweep / "summary.csv"
-
-
-def _interval(ci: Sequence[float] | None) -> str:
-    """A 95% interval as `[low, high]`, or nothing for a job without one."""
-    return "" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _cell(value: Any) -> str:

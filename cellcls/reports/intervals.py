@@ -126,16 +126,16 @@ def cluster_bootstrap(
     right, counts, group_class, names = _prepare(correct, labels, groups, classes)
     if not len(group_class):
         raise ValueError("no images to resample")
-    one = np.ones((1, len(group_class)))
-    accuracy, balanced, _ = _figures(one, right, counts)
-    w = _weights(group_class, len(names), n, seed)
-    accuracies, balanced_all, per_class = _figures(w, right, counts)
+    # Row 0 draws every group once (the point estimate); the others are the resamples.
+    w = np.vstack([np.ones(len(group_class)), _weights(group_class, len(names), n, seed)])
+    accuracy, balanced, per_class = _figures(w, right, counts)
+    per_class = per_class[1:]
     present = counts.sum(0) > 0
     return {
         "accuracy": float(accuracy[0]),
         "balanced_accuracy": float(balanced[0]),
-        "accuracy_ci95": _ci(accuracies),
-        "balanced_accuracy_ci95": _ci(balanced_all),
+        "accuracy_ci95": _ci(accuracy[1:]),
+        "balanced_accuracy_ci95": _ci(balanced[1:]),
         "per_class_ci95": {
             names[c]: _ci(values[~np.isnan(values)]) if (~np.isnan(values)).any() else None
             for c in np.flatnonzero(present)
@@ -163,22 +163,21 @@ def paired_bootstrap(
     `n_images`, `n_groups` and `n_resamples`.
     """
     right_a, counts, group_class, names = _prepare(correct_a, labels, groups, None)
-    right_b, _, _, _ = _prepare(correct_b, labels, groups, None)
-    one = np.ones((1, len(group_class)))
-    (acc_a,), (bal_a,), _ = _figures(one, right_a, counts)
-    (acc_b,), (bal_b,), _ = _figures(one, right_b, counts)
-    w = _weights(group_class, len(names), n, seed)
-    accs_a, bals_a, _ = _figures(w, right_a, counts)
-    accs_b, bals_b, _ = _figures(w, right_b, counts)
+    right_b = _prepare(correct_b, labels, groups, None)[0]
+    # Row 0 draws every group once (the point estimates); the others are the resamples.
+    w = np.vstack([np.ones(len(group_class)), _weights(group_class, len(names), n, seed)])
+    acc_a, bal_a, _ = _figures(w, right_a, counts)
+    acc_b, bal_b, _ = _figures(w, right_b, counts)
+    acc, bal = acc_b - acc_a, bal_b - bal_a
     return {
-        "difference": float(acc_b - acc_a),
-        "ci95": _ci(accs_b - accs_a),
-        "balanced_difference": float(bal_b - bal_a),
-        "balanced_ci95": _ci(bals_b - bals_a),
-        "accuracy_a": float(acc_a),
-        "accuracy_b": float(acc_b),
-        "balanced_accuracy_a": float(bal_a),
-        "balanced_accuracy_b": float(bal_b),
+        "difference": float(acc[0]),
+        "ci95": _ci(acc[1:]),
+        "balanced_difference": float(bal[0]),
+        "balanced_ci95": _ci(bal[1:]),
+        "accuracy_a": float(acc_a[0]),
+        "accuracy_b": float(acc_b[0]),
+        "balanced_accuracy_a": float(bal_a[0]),
+        "balanced_accuracy_b": float(bal_b[0]),
         "n_images": int(counts.sum()),
         "n_groups": len(group_class),
         "n_resamples": n,

@@ -122,6 +122,25 @@ def interval(bounds: Sequence[float]) -> str:
     return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
+def grouped_metrics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    groups: Sequence[Any] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`classification_metrics`, and with `groups` (each image's source group) the 95% intervals
+    over cells (`accuracy_ci95`, `balanced_accuracy_ci95`), `n_groups` and `cells_mostly_right`,
+    with the per-group rows they come from (none without groups)."""
+    metrics = classification_metrics(labels, probs, classes)
+    if groups is None or not len(labels):
+        return metrics, []
+    correct = probs.argmax(1) == labels
+    ci = cluster_bootstrap(correct, labels, groups, classes=classes)
+    rows = per_group(groups, labels, correct, classes)
+    metrics |= {k: ci[k] for k in ("accuracy_ci95", "balanced_accuracy_ci95", "n_groups")}
+    return metrics | {"cells_mostly_right": cells_mostly_right(rows)}, rows
+
+
 def write_report(
     out_dir: str | Path,
     paths: Sequence[str],
@@ -142,13 +161,8 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = classification_metrics(labels, probs, classes)
-    if groups is not None and len(labels):
-        correct = probs.argmax(1) == labels
-        ci = cluster_bootstrap(correct, labels, groups, classes=classes)
-        rows = per_group(groups, labels, correct, classes)
-        metrics |= {k: ci[k] for k in ("accuracy_ci95", "balanced_accuracy_ci95", "n_groups")}
-        metrics["cells_mostly_right"] = cells_mostly_right(rows)
+    metrics, rows = grouped_metrics(labels, probs, classes, groups)
+    if rows:
         with (out / "per_group.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, ["group", "class", "images", "accuracy"])
             writer.writeheader()
