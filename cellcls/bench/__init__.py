@@ -11,7 +11,6 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Iterable
-from types import SimpleNamespace
 from typing import Any
 
 import hydra
@@ -85,15 +84,9 @@ DEVICE, HOST = "device", "host"
 
 def data_path(dm: BloodCellsDataModule, device: torch.device) -> str:
     """DEVICE or HOST: where the datamodule puts `dm.train_set`'s batches when a single-process
-    Lightning run trains on `device`. It is the datamodule's own rule (`data.on_device`, asked
-    through a stand-in for the trainer it reads), so the plain loop takes the path the
-    Lightning rows take."""
-    stand_in = SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=device))
-    trainer, dm.trainer = dm.trainer, stand_in
-    try:
-        return DEVICE if dm._on_device(dm.train_set) else HOST
-    finally:
-        dm.trainer = trainer
+    Lightning run trains on `device`: its own rule (`keeps_on`), so the plain loop takes the
+    path the Lightning rows take."""
+    return DEVICE if dm.keeps_on(dm.train_set, device, world_size=1) else HOST
 
 
 def plain_torch_train(

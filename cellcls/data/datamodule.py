@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cellcls.core.errors import CellclsError, check_table, is_whole, require
@@ -279,18 +280,25 @@ class BloodCellsDataModule(L.LightningDataModule):
         return [path for path, _ in self.test_set.samples]  # type: ignore[attr-defined]
 
     def _on_device(self, dataset: Dataset, name: str = "images") -> bool:
-        """Whether this split's images go onto the training device (`on_device`); logged."""
-        want, trainer = self.hparams.on_device, self.trainer
-        if want is False or self.hparams.cache is None or trainer is None or dataset is None:
+        """Whether this split's images go onto the attached trainer's device; logged."""
+        trainer = self.trainer
+        if trainer is None:
             return False
-        if trainer.world_size > 1:  # every process would see every image: keep the sampler
+        return self.keeps_on(dataset, trainer.strategy.root_device, trainer.world_size, name)
+
+    def keeps_on(
+        self, dataset: Dataset | None, device: torch.device, world_size: int, name: str = "images"
+    ) -> bool:
+        """The `on_device` rule: whether a split's images are kept on `device` when
+        `world_size` processes train (the bench asks it too, to feed its plain loop alike)."""
+        want = self.hparams.on_device
+        if want is False or self.hparams.cache is None or dataset is None:
+            return False
+        if world_size > 1:  # every process would see every image: keep the sampler
             if want is True:
-                log.warning("data.on_device=true is ignored with %d processes", trainer.world_size)
+                log.warning("data.on_device=true is ignored with %d processes", world_size)
             return False
-        device = trainer.strategy.root_device
-        if want is True:
-            return True
-        return device.type == "cuda" and fits_on(dataset, device, name)
+        return want is True or (device.type == "cuda" and fits_on(dataset, device, name))
 
     def _loader(
         self, dataset: Dataset | None, name: str, shuffle: bool = False
