@@ -5,6 +5,10 @@ out-of-fold (OOF) predictions over all cells are the estimate, with an interval 
 fold models then score the official TEST together (the mean of their probabilities) and one by
 one. The folds run one after another; a fold that finished is kept, so an interrupted CV resumes
 where it stopped (an unfinished fold resumes from its `last.ckpt`).
+
+As parallel jobs, a multirun sweeps `cv.fold` under any Hydra launcher
+(`python -m cellcls.cv -m cv.fold='range(5)' hydra/launcher=slurm`): each job trains one fold into
+the sweep folder, and `PoolFolds`, a Hydra callback, pools them once, after the last job.
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ from typing import Any
 import hydra
 import lightning as L
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from cellcls import CONFIG_DIR
 from cellcls.core.errors import CellclsError, exit_on_user_error, is_whole, require
+from cellcls.data.splits import HOLDOUT
 from cellcls.reports.metrics import grouped_metrics, interval, reliability_bins
 from cellcls.reports.plots import plot_confusion, plot_reliability
 from cellcls.run.callbacks import TestReport
@@ -126,12 +134,38 @@ def write_oof(out: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str])
     return metrics
 
 
-def cross_validate(cfg: DictConfig) -> dict[str, Any]:
-    """Train the K folds (those not done yet), pool their held-out predictions and, unless
-    `test=false`, score TEST with the fold ensemble and with each fold model."""
+def check_cv(cfg: DictConfig) -> None:
+    """Refuse, in one line, settings that cannot make a CV."""
     require(is_whole(cfg.cv.folds, 2), "cv.folds", cfg.cv.folds, "an integer >= 2")
+    fold = cfg.cv.get("fold")
+    whole = fold is None or (is_whole(fold, 0) and fold < cfg.cv.folds)
+    require(whole, "cv.fold", fold, "null (every fold) or an integer from 0 to cv.folds - 1")
+    split = cfg.data.split != HOLDOUT or not cfg.get("test")
+    require(split, "data.split", cfg.data.split, "a test folder such as TEST (or test=false)")
+
+
+def cv_dir(cfg: DictConfig) -> Path:
+    """Where the folds live: the run's folder; for one fold of a multirun (`-m cv.fold=...`),
+    the sweep's folder, which its jobs share."""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if cfg.cv.get("fold") is not None and hydra_cfg and hydra_cfg.mode == RunMode.MULTIRUN:
+        return Path(hydra_cfg.sweep.dir)
+    return Path(cfg.paths.output_dir)
+
+
+def cross_validate(cfg: DictConfig, train_missing: bool = True) -> dict[str, Any]:
+    """Train the K folds (those not done yet), pool their held-out predictions and, unless
+    `test=false`, score TEST with the fold ensemble and with each fold model. Without
+    `train_missing`, a fold that is not done is refused instead of trained."""
+    check_cv(cfg)
     out = Path(cfg.paths.output_dir)
     classes = list(cfg.data.classes)
+    missing = [i for i in range(cfg.cv.folds) if not (out / f"fold_{i}" / DONE).is_file()]
+    if missing and not train_missing:
+        raise CellclsError(
+            f"cv: fold(s) {missing} of {cfg.cv.folds} in {out} did not finish; run them again "
+            f"(-m cv.fold={','.join(map(str, missing))}) or drop -m to train them here"
+        )
     records = [run_fold(cfg, fold, out) for fold in range(cfg.cv.folds)]
     oof = write_oof(out, pool_oof(out, cfg.cv.folds, classes), classes)
     result: dict[str, Any] = {
@@ -180,11 +214,33 @@ def cv_table(r: dict[str, Any]) -> str:
     return "\n".join([*lines, pooled]) + "\n" + note
 
 
+class PoolFolds(Callback):
+    """Hydra callback: after a multirun of folds (`-m cv.fold=...`), pool them once, in the
+    launching process, as the sequential CV does; a multirun of whole CVs has nothing to pool."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        if not list(sweep.glob(f"fold_*/{DONE}")):
+            return
+        cfg = copy.deepcopy(config)
+        with open_dict(cfg):
+            del cfg["hydra"]
+            cfg.paths.output_dir = str(sweep)
+        try:
+            cross_validate(cfg, train_missing=False)
+        except CellclsError as err:  # a failed fold job: say which, keep the others
+            log.error("%s", err)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="cv")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the pooled out-of-fold accuracy, for sweepers."""
+    """Hydra entry point; returns the pooled out-of-fold accuracy (with `cv.fold`: that
+    fold's held-out accuracy), for sweepers."""
     print_config_tree(cfg, cfg.paths.output_dir)
+    check_cv(cfg)
+    if cfg.cv.get("fold") is not None:
+        return run_fold(cfg, cfg.cv.fold, cv_dir(cfg))["val_accuracy"]
     return cross_validate(cfg)["oof_accuracy"]
 
 

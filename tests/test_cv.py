@@ -67,6 +67,16 @@ def test_more_folds_than_groups_is_refused(cells: Path) -> None:
         make_dm(cells, folds=40).setup("fit")
 
 
+def test_pooling_refuses_folds_that_did_not_finish(in_tmp: Path) -> None:
+    cfg = compose_run([*FAST, "cv.folds=3"], in_tmp / "cv", "cv")
+    with pytest.raises(CellclsError, match=r"fold\(s\) \[0, 1, 2\] of 3 .* did not finish"):
+        cross_validate(cfg, train_missing=False)
+    with pytest.raises(CellclsError, match="cv.fold=3 is not accepted"):
+        cross_validate(compose_run([*FAST, "cv.folds=3", "cv.fold=3"], in_tmp / "cv", "cv"))
+    with pytest.raises(CellclsError, match="data.split='val' is not accepted: .* a test folder"):
+        cross_validate(compose_run([*FAST, "data.split=val"], in_tmp / "cv", "cv"))
+
+
 @pytest.mark.slow
 def test_cv_pools_out_of_fold_and_tests_the_fold_ensemble(in_tmp: Path) -> None:
     args = [*FAST, "data.n_train=8", "data.n_test=2", "data.copies=2", "data.image_size=32"]

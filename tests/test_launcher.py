@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,21 @@ def test_submitit_local_multirun(tmp_path: Path, synthetic_cache: Path) -> None:
     assert row["model.optimizer.lr"] == "0.001" and row["status"] == "completed" and row["test/acc"]
     assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
     assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # the job ran in its own process
+
+
+@pytest.mark.slow
+def test_cv_folds_as_parallel_jobs_are_pooled_once(tmp_path: Path, synthetic_cache: Path) -> None:
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *FAST, *TINY]
+    args += ["data.copies=2", "cv.folds=2", "cv.fold=0,1"]
+    result = run_module("cellcls.cv", args, tmp_path, synthetic_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "cv" / "multiruns").iterdir()
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # one process per fold
+    for fold in (0, 1):
+        assert (sweep / f"fold_{fold}" / "fold.json").is_file()
+    metrics = json.loads((sweep / "cv_metrics.json").read_text())
+    assert metrics["folds"] == 2 and len(metrics["test_fold_accuracy"]) == 2
+    with (sweep / "oof_predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len({r["path"] for r in rows}) == 4 * 8  # every TRAIN image once
+    assert {r["fold"] for r in rows} == {"0", "1"}
