@@ -122,6 +122,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     run_config = {k: OmegaConf.to_container(run[k], resolve=True) for k in ("data", "model")}
     callbacks += [SaveConfig(run_config), RngState(cfg.seed), *extra_callbacks]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    hparams = run_config | {
+        "seed": cfg.seed,
+        "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
+    }
+    for lg in loggers:  # the modules save theirs with logger=False: the run's config, once
+        lg.log_hyperparams(hparams)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     try:
