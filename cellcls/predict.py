@@ -4,7 +4,8 @@
 Writes `predictions.csv` (path, predicted class, one probability per class) in the run folder
 for every image that could be read, and `unreadable.csv` for those that could not: one bad file
 never stops the others. The model runs in Lightning's `Trainer.predict`, so device and precision
-are chosen as for training (`trainer.*` settings apply).
+are chosen as for training (`trainer.*` settings apply). With `report.gradcam=true`, also
+`gradcam.png`: Grad-CAM heat maps of the most confident images of each predicted class.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cellcls import CONFIG_DIR
 from cellcls.core.errors import CellclsError, exit_on_user_error, is_whole, require, require_given
 from cellcls.data.datasets import ImageFiles, batch_as_is
 from cellcls.data.decode import list_unreadable, write_unreadable
+from cellcls.reports.gradcam import write_gradcam
 from cellcls.reports.metrics import write_predictions
 from cellcls.run.checkpoint import restore
 from cellcls.run.config_tree import print_config_tree
@@ -55,6 +57,10 @@ def predict(cfg: DictConfig, out: Path) -> None:
     require_given(cfg, ["ckpt_path", "inputs"], "python -m cellcls.predict ckpt_path=… inputs=…")
     require(is_whole(cfg.batch_size, 1), "batch_size", cfg.batch_size, "an integer >= 1")
     require(isinstance(cfg.tta, bool), "tta", cfg.tta, "true or false")
+    report = cfg.report
+    require(isinstance(report.gradcam, bool), "report.gradcam", report.gradcam, "true or false")
+    per_class = report.gradcam_per_class
+    require(is_whole(per_class, 1), "report.gradcam_per_class", per_class, "an integer >= 1")
     restored = restore(cfg.ckpt_path, data=False, ensemble=True)
     model, classes = restored.model, restored.model.classes
     data = restored.config.data
@@ -71,6 +77,13 @@ def predict(cfg: DictConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions.csv", done, probs[keep], classes)
     log.info("Predictions for %d image(s): %s", len(done), out / "predictions.csv")
+    if report.gradcam:  # on the trainer's device: Lightning hands the model back on the CPU
+        model.to(trainer.strategy.root_device)
+
+        def load(picked: list[int]) -> torch.Tensor:  # decoded again: only the few shown
+            return torch.stack([images[keep[i]] for i in picked])
+
+        write_gradcam(out / "gradcam.png", model, load, probs[keep], classes, None, per_class, done)
     if images.unreadable:
         write_unreadable(out / "unreadable.csv", images.unreadable)
         log.warning(

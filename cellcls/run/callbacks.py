@@ -13,7 +13,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from cellcls.core.errors import is_whole, require
 from cellcls.core.hardware import synchronize
+from cellcls.reports.gradcam import write_gradcam
 from cellcls.reports.metrics import format_table, write_report
 from cellcls.reports.plots import plot_crops, plot_curves
 
@@ -131,10 +133,25 @@ class TestReport(L.Callback):
 
     A datamodule with `report_groups(paths)` (the source group of each test image) gets 95%
     intervals over source cells in the report, and `per_group.csv`; its errors are not caught.
+
+    With `gradcam` (`report.gradcam=true`), also `gradcam.png` (`cellcls.reports.gradcam`): the
+    most confident errors and `gradcam_per_class` correct images per class, read from the
+    datamodule's `test_set` (in `test_paths`' order), each with its heat map. Only they go
+    through the network again, with a backward pass, on rank 0.
     """
 
-    def __init__(self, out_dir: str | Path, checkpoint: str | Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        checkpoint: str | Sequence[str] | None = None,
+        gradcam: bool = False,
+        gradcam_per_class: int = 3,
+    ) -> None:
+        require(isinstance(gradcam, bool), "report.gradcam", gradcam, "true or false")
+        ok = is_whole(gradcam_per_class, 1)
+        require(ok, "report.gradcam_per_class", gradcam_per_class, "an integer >= 1")
         self.out_dir = Path(out_dir)
+        self.gradcam, self.gradcam_per_class = gradcam, gradcam_per_class
         # An ensemble's checkpoints, comma-separated.
         self.checkpoint = (
             checkpoint
@@ -193,6 +210,18 @@ class TestReport(L.Callback):
             checkpoint=str(self.checkpoint or trainer.ckpt_path or ""),
         )
         log.info("Test report in %s\n%s", self.out_dir, format_table(metrics))
+        if self.gradcam:
+            test_set = dm.test_set
+            write_gradcam(
+                self.out_dir / "gradcam.png",
+                pl_module,
+                lambda picked: torch.stack([test_set[i][0] for i in picked]),
+                probs[:n].numpy(),
+                pl_module.classes,
+                labels[:n].numpy(),
+                self.gradcam_per_class,
+                paths[:n],
+            )
 
 
 def val_split(hparams: Any) -> str | None:
