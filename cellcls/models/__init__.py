@@ -1,5 +1,6 @@
 """Networks and the LightningModule that trains them; nothing here touches files, except the
-pretrained weights a user names (`model.net.weights`, read in `cellcls.models.backbone`)."""
+pretrained weights a user names (`model.net.weights`, read in `cellcls.models.backbone` and
+`timm_net`)."""
 
 from cellcls.models.augment import BatchAugment
 from cellcls.models.backbone import torchvision_net
@@ -7,6 +8,7 @@ from cellcls.models.classifier import CellClassifier
 from cellcls.models.ensemble import MeanProbabilities
 from cellcls.models.smallcnn import SmallCNN
 from cellcls.models.smallcnn_bn import SmallCNNBN
+from cellcls.models.timm_net import timm_net
 
 __all__ = [
     "BatchAugment",
@@ -14,5 +16,6 @@ __all__ = [
     "MeanProbabilities",
     "SmallCNN",
     "SmallCNNBN",
+    "timm_net",
     "torchvision_net",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,8 +14,10 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from cellcls.core.errors import CellclsError, is_number, require
+from cellcls.core.errors import CellclsError, is_number, is_whole, require
 from cellcls.models.ensemble import mean_probabilities
+
+log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 # Called as `scheduler(optimizer, total_steps=N)`, e.g. a partial of OneCycleLR.
@@ -31,7 +34,10 @@ class CellClassifier(L.LightningModule):
     `optimizer` is a partial (Hydra `_partial_: true`) that only lacks the parameters.
     Inputs are uint8 images (0-255) or float images in [0, 1]; they are normalised here with
     the training set's per-channel `mean` and `std` (of [0, 1] images), on the training device,
-    and those statistics travel in the checkpoint.
+    or, when `net` carries pretrained weights' statistics (`net.normalization`, see
+    `cellcls.models.backbone`), with those: a pretrained stem expects the images it learnt from.
+    The statistics used travel in the checkpoint, as buffers and in the hyperparameters
+    (`mean`, `std`, and `normalization`: `data`, `imagenet` or the weights' name).
     `channels_last` runs the convolutions in NHWC memory format, faster on most CPUs and GPUs.
 
     The rest is the training recipe, all off by default (the tutorial's): `scheduler` (a partial
@@ -42,6 +48,11 @@ class CellClassifier(L.LightningModule):
     and their labels: MixUp or CutMix; `train/acc` is then measured against each image's own
     label). `tta` (set by `cellcls.eval` and `predict`, not saved)
     averages test and predict probabilities over the 8 flips and 90-degree rotations.
+
+    Fine-tuning a pretrained network (`experiment=finetune`): the backbone (all but the head,
+    `head_of(net)`) learns at `backbone_lr_scale` times the head's rate, and is frozen for the
+    first `freeze_backbone_epochs` epochs (its gradients are dropped before each optimiser step;
+    its BatchNorm statistics still adapt).
     """
 
     def __init__(
@@ -49,21 +60,45 @@ class CellClassifier(L.LightningModule):
         net: nn.Module,
         optimizer: OptimizerFactory,
         classes: Sequence[str],
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
+        mean: Sequence[float] | str = (0.5, 0.5, 0.5),
+        std: Sequence[float] | str = (0.25, 0.25, 0.25),
         channels_last: bool = False,
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         augment: nn.Module | None = None,
         mix: Mix | None = None,
+        backbone_lr_scale: float = 1.0,
+        freeze_backbone_epochs: int = 0,
     ) -> None:
         super().__init__()
         ok = is_number(label_smoothing) and 0 <= label_smoothing < 1
         require(ok, "model.label_smoothing", label_smoothing, "a number in [0, 1)")
+        ok = is_number(backbone_lr_scale) and backbone_lr_scale > 0
+        require(ok, "model.backbone_lr_scale", backbone_lr_scale, "a number > 0")
+        require(
+            is_whole(freeze_backbone_epochs, 0),
+            "model.freeze_backbone_epochs",
+            freeze_backbone_epochs,
+            "an integer >= 0",
+        )
         # Network, optimizer, schedule, augmentation and mixing are rebuilt from the Hydra config;
         # keep only plain values.
         ignore = ["net", "optimizer", "scheduler", "augment", "mix"]
         self.save_hyperparameters(ignore=ignore, logger=False)
+        pretrained = getattr(net, "normalization", None)
+        if pretrained is not None:
+            mean, std = pretrained["mean"], pretrained["std"]
+        # `auto` (data.mean=auto): the datamodule measures them when fitting starts (`setup`).
+        self.measure = mean == "auto" or std == "auto"
+        if self.measure:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        self.hparams.update(
+            mean=list(mean),
+            std=list(std),
+            normalization=pretrained["name"] if pretrained is not None else "data",
+        )
+        self.backbone_lr_scale = backbone_lr_scale
+        self.freeze_backbone_epochs = freeze_backbone_epochs
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.channels_last = channels_last
         self.optimizer = optimizer
@@ -146,8 +181,67 @@ class CellClassifier(L.LightningModule):
         x = batch if isinstance(batch, Tensor) else batch[0]
         return self.scores(x).float().softmax(1)
 
+    def setup(self, stage: str) -> None:
+        """With `mean`/`std` `auto`: take the datamodule's, measured on the training images
+        (`statistics`); a resumed fit then loads the checkpoint's over them."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        stats = getattr(dm, "statistics", None)
+        if stage != "fit" or not self.measure:
+            return
+        if stats is None:
+            log.warning("model.mean=auto, but the datamodule measured no statistics: unnormalised")
+            return
+        self.mean.copy_(torch.tensor(stats["mean"]).view(1, -1, 1, 1))
+        self.std.copy_(torch.tensor(stats["std"]).view(1, -1, 1, 1))
+        self.hparams.update(mean=list(stats["mean"]), std=list(stats["std"]))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A resumed run rebuilds its network without the pretrained file (the checkpoint holds
+        # the weights and the statistics buffers): keep the record of where they came from.
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("mean", "std", "normalization"):
+            if key in saved:
+                self.hparams[key] = saved[key]
+
+    def on_fit_start(self) -> None:
+        finetune = self.backbone_lr_scale != 1 or self.freeze_backbone_epochs
+        if finetune and self.hparams.normalization == "data":
+            log.warning(
+                "model.backbone_lr_scale=%s and model.freeze_backbone_epochs=%s fine-tune a "
+                "pretrained network, but this one starts from scratch (model.net.weights=null); "
+                "give model.net.weights=imagenet or PATH.",
+                self.backbone_lr_scale,
+                self.freeze_backbone_epochs,
+            )
+
+    def on_after_backward(self) -> None:
+        # Frozen: the backbone's gradients are dropped before the step, so the optimiser skips
+        # it (no update, no weight decay, no state). Not requires_grad=False: DDP cannot follow
+        # a change of it after the model is wrapped.
+        if self.current_epoch < self.freeze_backbone_epochs:
+            for p in self.parameter_groups()[0]["params"]:
+                p.grad = None
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The backbone's parameters (with `lr_scale`) and the head's: `head_of(net)`."""
+        head = {id(p) for p in head_of(self.net).parameters()}
+        params = list(self.net.parameters())
+        return [
+            {
+                "name": "backbone",
+                "params": [p for p in params if id(p) not in head],
+                "lr_scale": self.backbone_lr_scale,
+            },
+            {"name": "head", "params": [p for p in params if id(p) in head], "lr_scale": 1.0},
+        ]
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(params=self.parameters())
+        if self.backbone_lr_scale == 1:
+            optimizer = self.optimizer(params=self.parameters())
+        else:
+            optimizer = self.optimizer(params=self.parameter_groups())
+            for group in optimizer.param_groups:
+                group["lr"] *= group["lr_scale"]
         if self.scheduler is None:
             return optimizer
         total = self.trainer.estimated_stepping_batches
@@ -156,8 +250,26 @@ class CellClassifier(L.LightningModule):
                 "model.scheduler needs to know the run's length: set trainer.max_epochs or "
                 "trainer.max_steps (or model.scheduler=null)."
             )
-        scheduler = self.scheduler(optimizer, total_steps=int(total))
+        kwargs: dict[str, Any] = {}
+        peak = getattr(self.scheduler, "keywords", {}).get("max_lr")
+        if peak is not None and self.backbone_lr_scale != 1:
+            # A schedule to a peak (one-cycle's max_lr) sets every group's rate: scale it too.
+            kwargs["max_lr"] = [peak * group["lr_scale"] for group in optimizer.param_groups]
+        scheduler = self.scheduler(optimizer, total_steps=int(total), **kwargs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def head_of(net: nn.Module) -> nn.Module:
+    """The classifier head: timm's `get_classifier()`, else the network's last linear layer."""
+    if hasattr(net, "get_classifier"):
+        return net.get_classifier()
+    linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise CellclsError(
+            f"model.backbone_lr_scale/freeze_backbone_epochs need a head, but {type(net).__name__} "
+            "has no linear layer; set model.backbone_lr_scale=1 model.freeze_backbone_epochs=0."
+        )
+    return linear[-1]

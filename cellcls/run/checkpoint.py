@@ -76,6 +76,9 @@ def load_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str | Path)
             f"checkpoint '{path}' does not fit the model built from its config and your "
             f"overrides (another architecture?): {str(err).splitlines()[1:2] or err}"
         ) from None
+    hook = getattr(model, "on_load_checkpoint", None)
+    if hook is not None:  # e.g. the record of which normalisation the buffers hold
+        hook(ckpt)
 
 
 def rebuild_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
