@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from cellcls import CONFIG_DIR
 from cellcls.core.errors import exit_on_user_error
-from cellcls.data.datamodule import BloodCellsDataModule
+from cellcls.data.datamodule import ImageFolderDataModule
 from cellcls.data.matching import write_groups_csv
 from cellcls.data.splits import grouped_split, random_indices, shared_groups
 from cellcls.reports.plots import plot_groups
@@ -92,7 +92,7 @@ def validation_leaks(groups: np.ndarray, labels: list[int], fraction: float, see
 
 def report(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Group `data.split` (and compare it with `against`); write the files; return the counts."""
-    dm: BloodCellsDataModule = instantiate(cfg.data, _convert_="object")
+    dm: ImageFolderDataModule = instantiate(cfg.data, _convert_="object")
     dm.prepare_data()  # generated data is written on first use
     split = cfg.data.split
     groups = dm.source_groups(split, write=True)

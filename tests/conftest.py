@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from cellcls.data.datamodule import BloodCellsDataModule
+from cellcls.data.datamodule import ImageFolderDataModule
 from cellcls.data.generate import generate_dataset
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -94,13 +94,13 @@ def last_value(metrics_csv: Path, key: str) -> float:
     return float(rows[-1][key])
 
 
-def make_dm(root: Path, **kw) -> BloodCellsDataModule:
+def make_dm(root: Path, **kw) -> ImageFolderDataModule:
     """A datamodule on `root` with small, fast settings; `kw` replaces any of them."""
     kw = {"classes": CLASSES, "image_size": 32, "batch_size": 4, "num_workers": 0} | kw
-    return BloodCellsDataModule(root, **kw)
+    return ImageFolderDataModule(root, **kw)
 
 
-def split_groups(dm: BloodCellsDataModule) -> tuple[set[int], set[int]]:
+def split_groups(dm: ImageFolderDataModule) -> tuple[set[int], set[int]]:
     """The source groups of a set-up datamodule's training and validation parts."""
     groups = dm.source_groups(dm.hparams.train_split)
     samples = dm.train_set.dataset.samples

@@ -26,8 +26,12 @@ def test_groups_found() -> None:
 
 
 @pytest.mark.parametrize(("group", "option"), CASES)
-def test_option_composes_and_resolves(group: str, option: str, tmp_path: Path) -> None:
-    cfg = compose_run([f"{group}={option}"], tmp_path)
+def test_option_composes_and_resolves(
+    group: str, option: str, tmp_path: Path, tiny_root: Path
+) -> None:
+    # data=imagefolder discovers its classes: give it a dataset (Kaggle's layout, generated).
+    found = [f"data.root={tiny_root}", "data.train_split=TRAIN", "data.split=TEST"]
+    cfg = compose_run([f"{group}={option}", *found * (option == "imagefolder")], tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["model"]["net"]["num_classes"] == len(resolved["data"]["classes"]) == 4
     # Networks with global pooling (model=smallcnn_bn, resnet18, ...) take any image size.

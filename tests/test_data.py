@@ -81,9 +81,9 @@ def test_root_without_splits(tmp_path: Path) -> None:
 
 
 def test_missing_class_folder(broken: Path) -> None:
-    shutil.rmtree(broken / "TEST" / "MONOCYTE")
+    shutil.rmtree(broken / "TRAIN" / "MONOCYTE")  # a test folder may lack one: test_imagefolder
     msg = setup_error(broken)
-    assert str(broken / "TEST") in msg and "missing ['MONOCYTE']" in msg
+    assert str(broken / "TRAIN") in msg and "missing ['MONOCYTE']" in msg
 
 
 def test_unexpected_class_folder(broken: Path) -> None:

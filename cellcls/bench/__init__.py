@@ -27,7 +27,7 @@ from cellcls import CONFIG_DIR
 from cellcls.bench.keras import keras_train
 from cellcls.core.errors import CellclsError, exit_on_user_error
 from cellcls.core.hardware import reuse_freed_memory, synchronize, uses_cuda
-from cellcls.data.datamodule import BloodCellsDataModule
+from cellcls.data.datamodule import ImageFolderDataModule
 from cellcls.data.datasets import CachedImages
 from cellcls.data.decode import cpu_count
 from cellcls.data.device import DeviceBatches
@@ -56,7 +56,7 @@ def timed_pass(batches: Callable[[], Iterable[Any]], step: Callable[[Any], None]
 
 
 def tutorial_loader(
-    dm: BloodCellsDataModule, full: CachedImages, indices: list[int], workers: int
+    dm: ImageFolderDataModule, full: CachedImages, indices: list[int], workers: int
 ) -> DataLoader:
     """ImageFolder + PIL decode and resize of every image in every epoch, as tutorials do."""
     folder = ImageFolder(
@@ -82,7 +82,7 @@ def tutorial_loader(
 DEVICE, HOST = "device", "host"
 
 
-def data_path(dm: BloodCellsDataModule, device: torch.device) -> str:
+def data_path(dm: ImageFolderDataModule, device: torch.device) -> str:
     """DEVICE or HOST: where the datamodule puts `dm.train_set`'s batches when a single-process
     Lightning run trains on `device`: its own rule (`keeps_on`), so the plain loop takes the
     path the Lightning rows take."""
@@ -127,7 +127,7 @@ def plain_torch_train(
 
 
 def lightning_train(
-    cfg: DictConfig, dm: BloodCellsDataModule, **settings: Any
+    cfg: DictConfig, dm: ImageFolderDataModule, **settings: Any
 ) -> tuple[float, str]:
     """cellcls's own training (no validation), timed as `timed_pass` times the others, and the
     data path (DEVICE or HOST) its batches took; with `settings` (the plain loop's), also without
@@ -163,7 +163,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         raise CellclsError("cellcls.bench measures the cache against ImageFolder: set data.cache")
     if cfg.bench.n_images < 1:
         raise CellclsError(f"bench.n_images must be at least 1, got {cfg.bench.n_images}")
-    dm: BloodCellsDataModule = instantiate(cfg.data, _convert_="object")
+    dm: ImageFolderDataModule = instantiate(cfg.data, _convert_="object")
     dm.prepare_data()
     start = time.perf_counter()
     dm.setup("fit")  # decodes TRAIN into the cache, or opens the cache a run already built

@@ -1,6 +1,7 @@
 """Find the white cell in a blood-smear image and cut a square around it.
 
-The white cell fills about a tenth of a 320x240 image; the rest is red cells, which carry no
+The white cell fills about a tenth of a 320x240 image (and of a 640x480 slide of the same smear:
+the sizes here follow the image's); the rest is red cells, which carry no
 label. Its nucleus is the only large dark-purple region (Wright/Giemsa stain): in OpenCV's HSV
 units, hue 115-160 and saturation above 80. Platelets are purple too but small, and the black
 borders that augmentation leaves have no saturation, so the largest purple region (after a
@@ -18,7 +19,8 @@ MIN_SATURATION = 80
 MIN_VALUE = 30
 # A nucleus smaller than this share of the image is noise (a platelet, a speck of stain).
 MIN_AREA = 0.002
-CLOSING = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
+# The closing that joins a nucleus's lobes: 9 px on a 240-px-high image, scaled with the image.
+CLOSING_PX, CLOSING_AT = 9, 240
 
 
 def stain_mask(rgb: np.ndarray) -> np.ndarray:
@@ -26,7 +28,9 @@ def stain_mask(rgb: np.ndarray) -> np.ndarray:
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     low = (HUE[0], MIN_SATURATION + 1, MIN_VALUE)
     mask = cv2.inRange(hsv, low, (HUE[1], 255, 255))
-    return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, CLOSING)
+    k = max(3, round(CLOSING_PX * min(rgb.shape[:2]) / CLOSING_AT) | 1)  # odd
+    closing = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, closing)
 
 
 def find_cell(rgb: np.ndarray) -> tuple[float, float] | None:

@@ -1,4 +1,5 @@
-"""LightningDataModules over ImageFolder-style blood-cell datasets (real or generated).
+"""LightningDataModules over any folder of class folders (Kaggle's, PBC, Raabin, a lab's own;
+real or generated).
 
 Over 300 lines: one LightningDataModule, whose hooks share its state, and its generated-data
 subclass, which checkpoints name by this module's path.
@@ -27,23 +28,38 @@ from cellcls.data.decode import (
 from cellcls.data.device import DeviceBatches, fits_on
 from cellcls.data.download import ensure_dataset
 from cellcls.data.generate import SOURCES_CSV, generate_dataset, read_sources
-from cellcls.data.layout import ClassFolder, check_classes, find_split_root, warn_not_images
-from cellcls.data.matching import load_groups
+from cellcls.data.grouping import source_groups
+from cellcls.data.layout import (
+    ClassFolder,
+    check_classes,
+    class_folders,
+    find_split_root,
+    warn_not_images,
+)
 from cellcls.data.settings import SETTINGS
 from cellcls.data.splits import (
+    DRAWN,
     HOLDOUT,
     fold_indices,
     grouped_split,
     random_indices,
     shared_groups,
+    too_few_groups,
 )
+from cellcls.data.stats import channel_stats
 from cellcls.data.store import load_images
 
 log = logging.getLogger(__name__)
 
 
-class BloodCellsDataModule(L.LightningDataModule):
+class ImageFolderDataModule(L.LightningDataModule):
     """TRAIN minus a seeded validation fraction for fit; the `split` folder (TEST) for test.
+
+    The layout is `root/<train_split>/<class>/*` with test folders beside it (Kaggle's:
+    TRAIN, TEST), or, with `train_split=None`, `root/<class>/*` alone: the test part is then
+    drawn from it (`split="test"`: a seeded `test_fraction` of each class, in whole groups).
+    `classes` (None: the class folders, sorted) are the labels, in order; a test folder may lack
+    some of them. `groups` says which images share a source (`cellcls.data.grouping`).
 
     `val_split="grouped"` holds out whole source cells (see `cellcls.data.matching`): TRAIN holds
     many augmented copies of each cell, so `"random"` (the tutorial's protocol) validates on
@@ -53,7 +69,8 @@ class BloodCellsDataModule(L.LightningDataModule):
     none found: a centre crop, listed in `centred`), resized to `image_size` and decoded once
     into a uint8 store (`cache`: `disk` under `cache_dir`, `memory`, or null to decode every
     epoch); the model scales and normalises batches (`mean`, `std`: the training images'
-    statistics) on the training device. `split` is the folder test and eval score (`"val"`:
+    statistics, measured on the training images for `"auto"`: `statistics`) on the training
+    device. `split` is the folder test and eval score (`"val"`:
     TRAIN's held-out part, as the tutorial does); `download` fetches Kaggle's dataset into a
     `root` without it; `on_device` keeps a split's store on the training device
     (`DeviceBatches`). The settings are checked by `cellcls.data.settings.SETTINGS`.
@@ -62,9 +79,11 @@ class BloodCellsDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str | Path,
-        classes: Sequence[str],
+        classes: Sequence[str] | None = None,
         image_size: int = 200,
-        crop: int | None = None,
+        crop: int | float | None = None,
+        groups: str = "auto",
+        test_fraction: float = 0.2,
         val_fraction: float = 0.2,
         val_split: str = "grouped",
         folds: int | None = None,
@@ -72,10 +91,10 @@ class BloodCellsDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int | None = None,
         seed: int = 42,
-        train_split: str = "TRAIN",
+        train_split: str | None = "TRAIN",
         split: str = "TEST",
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
+        mean: Sequence[float] | str = "auto",
+        std: Sequence[float] | str = "auto",
         cache: str | None = "memory",
         cache_dir: str | Path | None = None,
         skip_bad_images: bool = False,
@@ -83,6 +102,8 @@ class BloodCellsDataModule(L.LightningDataModule):
         on_device: bool | str = "auto",
     ) -> None:
         super().__init__()
+        if classes is None:
+            classes = class_folders(root, train_split)
         self.save_hyperparameters(logger=False)
         self._check_settings()
         self.root = Path(root)
@@ -95,6 +116,9 @@ class BloodCellsDataModule(L.LightningDataModule):
         self.skipped: dict[str, str] = {}
         # With `crop`: the files of each folder in which no white cell was found (centre crop).
         self.centred: dict[str, list[str]] = {}
+        # The normalisation the model takes, once fitting is set up: {"mean", "std", "images"}.
+        self.statistics: dict[str, Any] | None = None
+        self._drawn: list[int] = []  # without a test folder: the drawn test part of the images
 
     def _check_settings(self) -> None:
         """Fail on a setting of the wrong type or range now, not deep inside training."""
@@ -105,8 +129,18 @@ class BloodCellsDataModule(L.LightningDataModule):
         `split` folder to test; every one for `None`."""
         hp = self.hparams
         testing = stage in ("test", "predict", None)
+        if hp.train_split is None:  # one folder: the test part is drawn from it
+            return [None]
         needs_train = stage in ("fit", "validate", None) or (testing and hp.split == HOLDOUT)
         return [hp.train_split] * needs_train + [hp.split] * (testing and hp.split != HOLDOUT)
+
+    def folder(self, split: str | None) -> Path:
+        """Split folder `split` (under `root`, or in Kaggle's nesting), or `root` for None."""
+        return find_split_root(self.root, [split] if split else []) / (split or "")
+
+    def _name(self, split: str | None) -> str:
+        """The name of a split's store and groups: the folder's own name."""
+        return split or self.root.expanduser().resolve().name
 
     def prepare_data(self) -> None:
         """Write what `setup` reads, and nothing else (no state: Lightning runs this in one
@@ -119,8 +153,9 @@ class BloodCellsDataModule(L.LightningDataModule):
         if hp.cache == "disk":
             for split in splits:
                 paths = self.image_paths(split)
-                load_images(paths, hp.image_size, hp.cache_dir, name=split, crop=hp.crop)
-        held_out = hp.val_fraction > 0 or hp.folds
+                name = self._name(split)
+                load_images(paths, hp.image_size, hp.cache_dir, name=name, crop=hp.crop)
+        held_out = hp.val_fraction > 0 or hp.folds or hp.train_split is None
         grouped = hp.val_split == "grouped" and held_out and hp.cache_dir
         if grouped and hp.train_split in splits:
             self.source_groups(hp.train_split, write=True)
@@ -132,40 +167,77 @@ class BloodCellsDataModule(L.LightningDataModule):
         splits = self._splits(stage)
         needs_train = hp.train_split in splits
         testing = stage in ("test", "predict", None)
-        split_root = self.split_root = find_split_root(self.root, splits)
+        self.split_root = find_split_root(self.root, [s for s in splits if s])
         for split in splits:
-            check_classes(split_root / split, self.classes)
+            check_classes(self.folder(split), self.classes, allow_missing=split == hp.split)
         if needs_train and self.train_set is None:
-            full = self._dataset(split_root / hp.train_split)
+            full = self._dataset(self.folder(hp.train_split))
+            pool = self._draw_test(full.samples)  # every image, or all but the drawn test part
             if hp.val_fraction == 0 and not hp.folds:  # refit on every cell once chosen
-                train, val = list(range(len(full))), []
+                train, val = pool, []
                 log.info(
                     "data.val_fraction=0: training on all %d images of %s, no validation",
-                    len(full),
-                    hp.train_split,
+                    len(pool),
+                    self._name(hp.train_split),
                 )
             elif hp.val_split == "random":
-                train, val = random_indices(len(full), hp.val_fraction, hp.seed)
+                train, val = random_indices(len(pool), hp.val_fraction, hp.seed)
+                train, val = [pool[i] for i in train], [pool[i] for i in val]
             else:
-                train, val = self._grouped_split(full.samples)
+                train, val = self._grouped_split(full.samples, pool)
             self.train_set, self.val_set = Subset(full, train), Subset(full, val)
+            if stage in ("fit", None):
+                self.statistics = self._statistics(full, train)
         if testing and self.test_set is None:
-            self.test_set = (
-                self.val_set if hp.split == HOLDOUT else self._dataset(split_root / hp.split)
-            )
+            if hp.split == HOLDOUT:
+                self.test_set = self.val_set
+            elif hp.train_split is None:
+                self.test_set = Subset(self.train_set.dataset, self._drawn)
+            else:
+                self.test_set = self._dataset(self.folder(hp.split), test=True)
 
-    def image_paths(self, split: str) -> list[str]:
+    def _statistics(self, full: Dataset, train: Sequence[int]) -> dict[str, Any]:
+        """The normalisation for the model: `mean`/`std` as given, or (`"auto"`) measured on the
+        training images (with the store, all of them; without, up to 2,000 decoded again)."""
+        hp = self.hparams
+        if hp.mean != "auto" and hp.std != "auto":
+            return {"mean": list(hp.mean), "std": list(hp.std), "images": None}
+        if isinstance(full, CachedImages):
+            images, rows = full.images, full.rows[list(train)].tolist()
+        else:
+            step = max(1, len(train) // 2000)
+            images = torch.stack([full[i][0] for i in train[::step]])
+            rows = list(range(len(images)))
+        mean, std = channel_stats(images, rows)
+        given = {"mean": hp.mean, "std": hp.std}
+        mean, std = (
+            list(given[k]) if given[k] != "auto" else v for k, v in (("mean", mean), ("std", std))
+        )
+        log.info(
+            "Normalisation measured on %d training images (data.mean=auto): mean %s, std %s",
+            len(rows),
+            [round(m, 3) for m in mean],
+            [round(v, 3) for v in std],
+        )
+        return {"mean": mean, "std": std, "images": len(rows)}
+
+    def image_paths(self, split: str | None) -> list[str]:
         """The image files of folder `split`, class by class, as the datasets list them."""
-        folder = find_split_root(self.root, [split]) / split
-        check_classes(folder, self.classes)
-        return [path for path, _ in ClassFolder(folder, self.classes, loader=None).samples]
+        hp = self.hparams
+        folder = self.folder(split)
+        test = split == hp.split and split is not None
+        check_classes(folder, self.classes, allow_missing=test)
+        files = ClassFolder(folder, self.classes, loader=None, allow_empty=test)
+        return [path for path, _ in files.samples]
 
-    def source_groups(self, *splits: str, write: bool = False) -> dict[str, int]:
-        """path -> source group of every image in the folders `splits`, grouped together (see
-        `cellcls.data.matching`); read from beside the decoded-image stores when computed
-        before, and with `write` kept there."""
+    def source_groups(self, *splits: str | None, write: bool = False) -> dict[str, int]:
+        """path -> source group of every image in the folders `splits`, grouped together as
+        `groups` says (`cellcls.data.grouping`); with `auto`, read from beside the
+        decoded-image stores when computed before, and with `write` kept there."""
         paths = [path for split in splits for path in self.image_paths(split)]
-        groups = load_groups(paths, self.hparams.cache_dir, "+".join(splits), write=write)
+        name = "+".join(self._name(split) for split in splits)
+        hp = self.hparams
+        groups = source_groups(paths, hp.groups, self.root, hp.cache_dir, name, write=write)
         return dict(zip(paths, groups.tolist(), strict=True))
 
     def report_groups(self, paths: Sequence[str]) -> list[int]:
@@ -173,17 +245,53 @@ class BloodCellsDataModule(L.LightningDataModule):
         TRAIN's groups for its held-out part (`split=val`), else the split folder's (computed
         once and, with `cache_dir`, kept beside the stores)."""
         hp = self.hparams
-        folder = hp.train_split if hp.split == HOLDOUT else hp.split
+        folder = hp.train_split if hp.split in (HOLDOUT, DRAWN) else hp.split
         groups = self.source_groups(folder, write=hp.cache_dir is not None)
         return [groups[path] for path in paths]
 
-    def _grouped_split(self, samples: Sequence[tuple[str, int]]) -> tuple[list[int], list[int]]:
-        """Train and validation indices of `samples` (TRAIN) that share no source group."""
+    def _draw_test(self, samples: Sequence[tuple[str, int]]) -> list[int]:
+        """Without a test folder (`train_split=None`), draw the test part (`test_fraction` of
+        each class, whole groups, seeded) into `_drawn`; returns the indices left to train."""
+        hp = self.hparams
+        if hp.train_split is not None:
+            return list(range(len(samples)))
+        groups = self.source_groups(None)
+        ids = [groups[path] for path, _ in samples]
+        labels = [y for _, y in samples]
+        few = too_few_groups(ids, labels, self.classes, 3)
+        if few:
+            raise CellclsError(
+                f"data.root '{self.root}': {few}; drawing a test part and a validation part in "
+                "whole groups needs at least 3 per class. Add images of that class, remove it "
+                "(data.classes), or give a test folder (data.train_split, data.split)."
+            )
+        pool, self._drawn = grouped_split(ids, labels, hp.test_fraction, hp.seed + 1)
+        log.info(
+            "No test folder: the test part (data.split=%s) holds %d of %d source groups (%d of "
+            "%d images), drawn by group with data.test_fraction=%s and data.seed.",
+            *(DRAWN, len({ids[i] for i in self._drawn}), len(set(ids)), len(self._drawn)),
+            *(len(samples), hp.test_fraction),
+        )
+        return pool
+
+    def _grouped_split(
+        self, samples: Sequence[tuple[str, int]], pool: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """Train and validation indices among `pool` (of TRAIN's `samples`) that share no
+        source group."""
         hp = self.hparams
         groups = self.source_groups(hp.train_split)
-        ids = [groups[path] for path, _ in samples]
-        labels, n_groups = [y for _, y in samples], len(set(ids))
+        pool = list(pool)
+        ids = [groups[samples[i][0]] for i in pool]
+        labels, n_groups = [samples[i][1] for i in pool], len(set(ids))
         enough = n_groups >= (hp.folds or 2)
+        few = too_few_groups(ids, labels, self.classes, 2)
+        if few:
+            raise CellclsError(
+                f"data.val_split=grouped: in {self._name(hp.train_split)}, {few}; holding whole "
+                "groups out for validation needs at least 2 per class. Add images of that class, "
+                "remove it (data.classes), or use data.val_split=random (optimistic)."
+            )
         if enough and hp.folds:
             train, val = fold_indices(ids, labels, hp.folds, hp.fold, hp.seed)
         elif enough:
@@ -196,35 +304,37 @@ class BloodCellsDataModule(L.LightningDataModule):
                 + ". Add images of more cells, or use data.val_split=random (optimistic: copies "
                 "of one cell fall on both sides)."
             )
+        name = self._name(hp.train_split)
         if hp.folds:
             log.info(
                 "Fold %d of %d: validation holds out %d of %d source groups of %s (%d of %d "
                 "images); no group is on both sides.",
-                *(hp.fold, hp.folds, len({ids[i] for i in val}), n_groups, hp.train_split),
-                *(len(val), len(samples)),
+                *(hp.fold, hp.folds, len({ids[i] for i in val}), n_groups, name),
+                *(len(val), len(pool)),
             )
-            return train, val
-        random_leak = shared_groups(ids, *random_indices(len(samples), hp.val_fraction, hp.seed))
+            return [pool[i] for i in train], [pool[i] for i in val]
+        random_leak = shared_groups(ids, *random_indices(len(pool), hp.val_fraction, hp.seed))
         log.info(
             "Validation holds out %d of %d source groups of %s (%d of %d images); no group is on "
             "both sides. (A random split would put %d validation images in a group with a "
             "training image.)",
             len({ids[i] for i in val}),
             n_groups,
-            hp.train_split,
+            name,
             len(val),
-            len(samples),
+            len(pool),
             random_leak,
         )
-        return train, val
+        return [pool[i] for i in train], [pool[i] for i in val]
 
-    def _dataset(self, folder: Path) -> Dataset:
+    def _dataset(self, folder: Path, test: bool = False) -> Dataset:
         """One split folder, read through the decoded-image cache unless it is off.
 
         Every image file is checked once, before training: building the cache decodes it, and
-        without a cache a cheaper read does. Unreadable files stop the run, or are skipped.
+        without a cache a cheaper read does. Unreadable files stop the run, or are skipped. A
+        `test` folder may lack classes.
         """
-        files = ClassFolder(folder, self.classes, loader=self.decode)
+        files = ClassFolder(folder, self.classes, loader=self.decode, allow_empty=test)
         warn_not_images(folder, self.classes)
         paths = [path for path, _ in files.samples]
         if self.hparams.cache is None:
@@ -232,7 +342,8 @@ class BloodCellsDataModule(L.LightningDataModule):
         else:
             cache_dir = self.hparams.cache_dir if self.hparams.cache == "disk" else None
             images, bad, centred = load_images(
-                *(paths, self.hparams.image_size, cache_dir, folder.name, self.hparams.crop),
+                *(paths, self.hparams.image_size, cache_dir, self._name(folder.name or None)),
+                crop=self.hparams.crop,
                 build=False,  # prepare_data builds it
             )
             if centred:
@@ -245,7 +356,7 @@ class BloodCellsDataModule(L.LightningDataModule):
         rows = [i for i, path in enumerate(paths) if path not in bad]
         samples = [files.samples[i] for i in rows]
         for label, c in enumerate(self.classes):
-            if all(y != label for _, y in samples):
+            if not test and all(y != label for _, y in samples):
                 raise CellclsError(f"class folder '{folder / c}' holds no readable images.")
         if self.hparams.cache is None:
             files.samples = files.imgs = samples
@@ -341,7 +452,11 @@ class BloodCellsDataModule(L.LightningDataModule):
         return self._loader(self.test_set, "test")
 
 
-class SyntheticDataModule(BloodCellsDataModule):
+# The name that configs and checkpoints before `data=imagefolder` give it.
+BloodCellsDataModule = ImageFolderDataModule
+
+
+class SyntheticDataModule(ImageFolderDataModule):
     """The same pipeline on generated images, written to `root` on first use and reused after.
 
     `n_train` and `n_test` are images per class, `copies` images per source cell (see

@@ -58,7 +58,7 @@ class ImageFiles(Dataset):
     the DataLoader in this process (num_workers=0) to read it afterwards.
     """
 
-    def __init__(self, paths: Sequence[str], size: int, crop: int | None = None) -> None:
+    def __init__(self, paths: Sequence[str], size: int, crop: float | None = None) -> None:
         self.paths = list(paths)
         self.size, self.crop = size, crop
         self.unreadable: dict[str, str] = {}

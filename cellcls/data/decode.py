@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,25 +25,57 @@ from cellcls.data.crop import find_cell, square_box
 log = logging.getLogger(__name__)
 
 
-def decode(path: str | Path, size: int, crop: int | None = None) -> np.ndarray:
+def decode(path: str | Path, size: int, crop: float | None = None) -> np.ndarray:
     """One image as an RGB uint8 array of `size` x `size` x 3 (PIL bilinear, antialiased).
 
-    Any mode (grayscale, palette, RGBA, CMYK, 16-bit) becomes 3-channel RGB. With `crop`, a
-    `crop`-pixel square around the white cell is cut out first (see `cellcls.data.crop`).
+    Any mode becomes 3-channel 8-bit RGB (`to_rgb8`). With `crop`, a square around the white
+    cell is cut out first (see `cellcls.data.crop`): `crop` pixels, or, below 1, that fraction
+    of the image's shorter side, so that it follows the image's scale.
     """
     return decode_cell(path, size, crop)[0]
 
 
-def decode_cell(path: str | Path, size: int, crop: int | None = None) -> tuple[np.ndarray, bool]:
+def decode_cell(path: str | Path, size: int, crop: float | None = None) -> tuple[np.ndarray, bool]:
     """`decode`, and whether the white cell was found (False: a centre crop was taken)."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb8(im)
         found = True
         if crop is not None:
             centre = find_cell(np.asarray(im))
             found = centre is not None
-            im = im.crop(square_box(centre, crop, im.width, im.height))
+            im = im.crop(square_box(centre, crop_side(crop, im.size), im.width, im.height))
         return np.array(im.resize((size, size), Image.Resampling.BILINEAR)), found
+
+
+def crop_side(crop: float, size: tuple[int, int]) -> int:
+    """The crop's side in pixels: `crop` itself, or a fraction (<= 1) of the shorter side."""
+    return round(crop * min(size)) if crop <= 1 else int(crop)
+
+
+# Modes that hold more than 8 bits per sample (16-bit PNG/TIFF greys, 32-bit integer or float).
+WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Any mode as 8-bit RGB: palettes, greys, RGBA (alpha dropped) and CMYK through PIL's own
+    conversion; wider greys scaled from their 16-bit range (PIL would clip them at 255)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in WIDE:
+        wide = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode != "F" or wide.max() > 1 else 1.0
+        grey = np.clip(wide / top * 255 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def source_mode(path: str | Path) -> str | None:
+    """An image file's mode, from its header only (None: unreadable)."""
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except Exception:  # reported by the decode that follows
+        return None
 
 
 def unreadable(path: str | Path, err: Exception) -> str:
@@ -78,7 +111,7 @@ def check_images(paths: Sequence[str], desc: str = "checking") -> dict[str, str]
 class DecodeImage:
     """Transform for ImageFolder: a file's image as a uint8 CHW tensor, exactly as cached."""
 
-    def __init__(self, size: int, crop: int | None = None) -> None:
+    def __init__(self, size: int, crop: float | None = None) -> None:
         self.size, self.crop = size, crop
 
     def __call__(self, path: str) -> Tensor:
@@ -96,7 +129,7 @@ def decode_all(
     out: np.ndarray,
     desc: str = "decoding",
     progress: bool = True,
-    crop: int | None = None,
+    crop: float | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """Decode `paths` into `out` (N x size x size x 3), on all cores (PIL releases the GIL).
 
@@ -115,6 +148,15 @@ def decode_all(
     with ThreadPoolExecutor(cpu_count()) as pool:
         jobs = pool.map(work, range(len(paths)))
         results = list(tqdm(jobs, total=len(paths), desc=desc, unit="img", disable=not progress))
+        modes = Counter(pool.map(source_mode, paths))
+    converted = {m: n for m, n in modes.items() if m not in ("RGB", None)}
+    if converted:
+        log.info(
+            "%s: converted to 8-bit RGB: %s of %d images",
+            desc,
+            ", ".join(f"{n} {m}" for m, n in sorted(converted.items())),
+            len(paths),
+        )
     bad = {p: why for p, (why, _) in zip(paths, results, strict=True) if why}
     return bad, [p for p, (_, found) in zip(paths, results, strict=True) if not found]
 

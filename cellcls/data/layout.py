@@ -39,27 +39,75 @@ def find_split_root(root: str | Path, splits: Sequence[str]) -> Path:
     )
 
 
-def check_classes(split_dir: Path, classes: Sequence[str]) -> None:
-    """Fail unless `split_dir` has exactly one non-empty folder per class in `classes`."""
-    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    missing = [c for c in classes if c not in found]
+def subfolders(folder: Path) -> list[str]:
+    """The names of `folder`'s visible subfolders, sorted."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def class_folders(root: str | Path, train_split: str | None = None) -> list[str]:
+    """The class names of a dataset, discovered: the folders of `root/<train_split>` (or of
+    `root` itself when no split is given), sorted. For `data.classes: null` (the
+    `${class_folders:...}` resolver in conf/data/imagefolder.yaml)."""
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise CellclsError(
+            f"data.root '{folder}' does not exist: point data.root (or CELLCLS_DATA) at your "
+            "dataset, <root>/<class>/<images> or <root>/<split>/<class>/<images> (with "
+            "data.train_split), or give data.classes."
+        )
+    if train_split:
+        folder = find_split_root(folder, [train_split]) / train_split
+    names = subfolders(folder)
+    with_images = [c for c in names if has_images(folder / c)]
+    if not with_images and names and all(subfolders(folder / c) for c in names):
+        raise CellclsError(
+            f"data.root '{folder}' holds split folders ({', '.join(names)}), not class folders: "
+            f"name them, e.g. data.train_split={names[-1]} data.split={names[0]}."
+        )
+    if len(with_images) < 2:
+        raise CellclsError(
+            f"data.root '{folder}' holds {len(with_images)} class folder(s) with images "
+            f"({', '.join(with_images) or 'none'}); a classifier needs at least two "
+            "(<root>/<class>/<images>, or <root>/<split>/<class>/<images> with data.train_split)."
+        )
+    return with_images
+
+
+def has_images(folder: Path) -> bool:
+    """Whether `folder` holds at least one image file (by extension)."""
+    return any(f.suffix.lower() in IMG_EXTENSIONS for f in folder.iterdir())
+
+
+def check_classes(split_dir: Path, classes: Sequence[str], allow_missing: bool = False) -> None:
+    """Fail unless `split_dir` has exactly one non-empty folder per class in `classes`; with
+    `allow_missing` (a test folder), absent classes are logged instead: there is nothing of
+    them to score (Raabin-WBC's TestB holds two of its five classes)."""
+    found = subfolders(split_dir)
+    missing = [c for c in classes if c not in found or not has_images(split_dir / c)]
     unexpected = [c for c in found if c not in classes]
+    if missing and allow_missing and not unexpected and len(missing) < len(classes):
+        log.warning(
+            "'%s' holds no images of %s: the report scores the other classes only.",
+            split_dir,
+            ", ".join(missing),
+        )
+        return
     if missing or unexpected:
         problems = []
         if missing:
             problems.append(f"missing {missing}")
         if unexpected:
             problems.append(f"unexpected {unexpected}")
+        empty = [c for c in missing if c in found]
+        if empty and not unexpected and len(empty) == len(missing):
+            raise CellclsError(
+                f"class folder '{split_dir / empty[0]}' holds no images "
+                f"({', '.join(IMG_EXTENSIONS)}). Add images or remove the class from data.classes."
+            )
         raise CellclsError(
             f"class folders in '{split_dir}' do not match data.classes={list(classes)}: "
             f"{'; '.join(problems)}. Rename or remove the folders, or set data.classes."
         )
-    for c in classes:
-        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (split_dir / c).iterdir()):
-            raise CellclsError(
-                f"class folder '{split_dir / c}' holds no images ({', '.join(IMG_EXTENSIONS)}). "
-                "Add images or remove the class from data.classes."
-            )
 
 
 def warn_not_images(split_dir: Path, classes: Sequence[str]) -> None:
@@ -70,6 +118,7 @@ def warn_not_images(split_dir: Path, classes: Sequence[str]) -> None:
     others = [
         f
         for c in classes
+        if (split_dir / c).is_dir()
         for f in (split_dir / c).iterdir()
         if f.is_file() and f.suffix.lower() not in IMG_EXTENSIONS
     ]
@@ -86,9 +135,11 @@ def warn_not_images(split_dir: Path, classes: Sequence[str]) -> None:
 class ClassFolder(ImageFolder):
     """ImageFolder whose class list and order come from the caller, not from sorting folders."""
 
-    def __init__(self, root: Path, classes: Sequence[str], loader: Any) -> None:
+    def __init__(
+        self, root: Path, classes: Sequence[str], loader: Any, allow_empty: bool = False
+    ) -> None:
         self._classes = list(classes)
-        super().__init__(str(root), loader=loader)
+        super().__init__(str(root), loader=loader, allow_empty=allow_empty)
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         return self._classes, {c: i for i, c in enumerate(self._classes)}

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from cellcls.core.errors import is_number, is_whole
-from cellcls.data.splits import HOLDOUT
+from cellcls.data.grouping import is_groups_setting
+from cellcls.data.splits import DRAWN, HOLDOUT
 
 CACHE_MODES = ("disk", "memory", None)
 # How validation images are held out of TRAIN: whole source cells, or images at random.
@@ -23,6 +24,20 @@ def _bool(value: Any) -> bool:
     return isinstance(value, bool)
 
 
+def _stats(value: Any) -> bool:
+    """`auto`, or three numbers (one per RGB channel)."""
+    if value == "auto":
+        return True
+    return not isinstance(value, str) and len(value) == 3 and all(is_number(v) for v in value)
+
+
+def _crop(value: Any) -> bool:
+    """null, a side in pixels (an integer >= 8), or a fraction of the shorter side (0, 1]."""
+    if value is None or is_whole(value, 8):
+        return True
+    return isinstance(value, float) and 0 < value <= 1
+
+
 # What each data setting accepts, as its one-line error says it: (setting, rule, accepted). A rule
 # reads all the settings, so a setting that depends on another says so in its own row.
 SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
@@ -30,8 +45,19 @@ SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("image_size", lambda h: is_whole(h.image_size, 1), "an integer >= 1"),
     (
         "crop",
-        lambda h: h.crop is None or is_whole(h.crop, 8),
-        "null (whole image) or the side in pixels of the square cut around the white cell",
+        lambda h: _crop(h.crop),
+        "null (whole image), or the side of the square cut around the white cell: a fraction of "
+        "the image's shorter side (0 to 1, e.g. 0.5) or pixels (an integer >= 8)",
+    ),
+    (
+        "groups",
+        lambda h: is_groups_setting(h.groups),
+        "auto (match augmented copies), none (each image its own group) or a CSV path,group file",
+    ),
+    (
+        "test_fraction",
+        lambda h: is_number(h.test_fraction) and 0 < h.test_fraction < 1,
+        "a number between 0 and 1 (the share of each class drawn as the test part), e.g. 0.2",
     ),
     ("val_split", lambda h: h.val_split in VAL_SPLITS, "grouped or random"),
     (
@@ -49,6 +75,14 @@ SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
         lambda h: h.folds is None or h.val_split == "grouped",
         "null with data.val_split=random: folds hold out whole source cells",
     ),
+    (
+        "split",
+        lambda h: h.train_split is not None or h.split in (DRAWN, HOLDOUT),
+        f"{DRAWN} (the part drawn for testing) or {HOLDOUT} without a train folder "
+        "(data.train_split=null: data.root holds the class folders)",
+    ),
+    ("mean", lambda h: _stats(h.mean), "auto (measured on the training images) or 3 numbers"),
+    ("std", lambda h: _stats(h.std), "auto (measured on the training images) or 3 numbers"),
     ("batch_size", lambda h: is_whole(h.batch_size, 1), "an integer >= 1"),
     (
         "val_fraction",

@@ -11,6 +11,22 @@ from torch.utils.data import random_split
 
 # `data.split` value that tests on the seeded validation part of TRAIN (the tutorial's protocol).
 HOLDOUT = "val"
+# `data.split` value that tests on the seeded part drawn, in whole groups, from a dataset given
+# as one folder of class folders (no test folder: PBC, LISC, a lab's own smears).
+DRAWN = "test"
+
+
+def too_few_groups(
+    groups: Sequence[int], labels: Sequence[int], classes: Sequence[str], need: int
+) -> str | None:
+    """The first class with fewer than `need` groups, in words with its numbers, or None."""
+    groups, labels = np.asarray(groups), np.asarray(labels)
+    for c, name in enumerate(classes):
+        mine = labels == c
+        n = len(np.unique(groups[mine]))
+        if n < need:
+            return f"class {name} has {n} source group(s) ({int(mine.sum())} images)"
+    return None
 
 
 def grouped_split(

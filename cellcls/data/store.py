@@ -29,7 +29,7 @@ from cellcls.data.decode import decode_all
 log = logging.getLogger(__name__)
 
 
-def cache_key(paths: Sequence[str], size: int, crop: int | None = None) -> str:
+def cache_key(paths: Sequence[str], size: int, crop: float | None = None) -> str:
     """A hash of every file's path, size and modification time, the image size and the crop."""
     h = hashlib.sha1((f"v1 {size}" + ("" if crop is None else f" crop{crop}") + "\n").encode())
     for p in paths:
@@ -103,7 +103,7 @@ def allocate(file: Path) -> None:
 
 
 def build_store(
-    file: Path, paths: Sequence[str], size: int, desc: str, crop: int | None = None
+    file: Path, paths: Sequence[str], size: int, desc: str, crop: float | None = None
 ) -> None:
     """Decode `paths` into the .npy store `file` (and, beside it, the lists of bad files and of
     files without a white cell found).
@@ -147,7 +147,7 @@ def load_images(
     size: int,
     cache_dir: str | Path | None = None,
     name: str = "images",
-    crop: int | None = None,
+    crop: float | None = None,
     build: bool = True,
 ) -> tuple[Tensor, dict[str, str], list[str]]:
     """All images as one uint8 N x 3 x size x size tensor (a channels-last view of NHWC memory),
