@@ -76,7 +76,18 @@ class RunFiles:
         return new
 
 
-class MLFlowLogger(LightningMLFlowLogger):
+class RunFolder:
+    """What the trackers share: the run folder, whose report files they send (`files`), as
+    their `log_dir` (Lightning's trackers have none)."""
+
+    files: RunFiles
+
+    @property
+    def log_dir(self) -> str:
+        return str(self.files.folder)
+
+
+class MLFlowLogger(RunFolder, LightningMLFlowLogger):
     """An MLflow run (`logger=mlflow`: a local SQLite store for every run); the run folder's
     report files become its artifacts (train logs the config as its hyperparameters).
 
@@ -89,11 +100,6 @@ class MLFlowLogger(LightningMLFlowLogger):
         super().__init__(tracking_uri="http://localhost", **kwargs)  # a client that opens nothing
         self._tracking_uri, self._mlflow_client = tracking_uri, None
         self.files = RunFiles(run_dir)
-
-    @property
-    def log_dir(self) -> str:
-        """The run folder, where the uploaded files come from."""
-        return str(self.files.folder)
 
     @property
     @rank_zero_experiment
@@ -112,7 +118,7 @@ class MLFlowLogger(LightningMLFlowLogger):
         super().finalize(status)
 
 
-class WandbLogger(LightningWandbLogger):
+class WandbLogger(RunFolder, LightningWandbLogger):
     """A W&B run (`logger=wandb`: offline, in `<run>/wandb/`); the run folder's report files are
     saved into the run's files (train logs the config as its hyperparameters).
 
@@ -126,11 +132,6 @@ class WandbLogger(LightningWandbLogger):
         needs("wandb", "wandb")
         super().__init__(**kwargs)
         self.files = RunFiles(run_dir)
-
-    @property
-    def log_dir(self) -> str:
-        """The run folder, where the saved files come from."""
-        return str(self.files.folder)
 
     @property
     @rank_zero_experiment
