@@ -64,7 +64,8 @@ def score(cfg: DictConfig, ckpt: str | Sequence[str], split: str, out: Path) -> 
     with open_dict(scored):
         scored.data.split = split
     restored = restore(ckpt, scored, ensemble=True)
-    report = TestReport(out, checkpoint=ckpt)
+    gradcam = cfg.get("report") or {}
+    report = TestReport(out, checkpoint=ckpt, **gradcam)  # report.gradcam: also gradcam.png
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=[report], logger=False, enable_progress_bar=False
     )
