@@ -209,10 +209,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             images = torch.stack([full[i][0] for i in train[::step]])
             rows = list(range(len(images)))
         mean, std = channel_stats(images, rows)
-        given = {"mean": hp.mean, "std": hp.std}
-        mean, std = (
-            list(given[k]) if given[k] != "auto" else v for k, v in (("mean", mean), ("std", std))
-        )
+        mean = mean if hp.mean == "auto" else list(hp.mean)  # one may be given, the other auto
+        std = std if hp.std == "auto" else list(hp.std)
         log.info(
             "Normalisation measured on %d training images (data.mean=auto): mean %s, std %s",
             len(rows),
