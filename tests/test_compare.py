@@ -136,9 +136,3 @@ def test_trained_run_reports_intervals_and_compares(trained_run, tmp_path, synth
     assert compared["ci95"] == compared["balanced_ci95"] == [0.0, 0.0]
     assert compared["n_images"] == metrics["n_images"]
     assert "They disagree on 0 of" in done.stdout + done.stderr
-    other = tmp_path / "other"
-    scored(other, wrong=[])
-    refused = run_module("cellcls.compare", [f"a={run}", f"b={other}"], tmp_path, synthetic_cache)
-    assert refused.returncode != 0
-    assert refused.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert str(other / "predictions.csv") in refused.stderr.strip().splitlines()[-1]

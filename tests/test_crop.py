@@ -13,7 +13,8 @@ from cellcls.core.errors import CellclsError
 from cellcls.data.crop import find_cell, square_box
 from cellcls.data.generate import generate_dataset, read_sources
 from cellcls.run.checkpoint import restore
-from tests.conftest import FAST, best_checkpoint, make_dm, run_module
+from cellcls.train import train
+from tests.conftest import FAST, best_checkpoint, compose_run, make_dm
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +68,10 @@ def test_crop_is_part_of_the_store_and_cells_not_found_are_listed(
 
 
 @pytest.mark.slow
-def test_training_with_a_crop_previews_it_and_the_checkpoint_keeps_it(
-    tmp_path: Path, synthetic_cache: Path
-) -> None:
+def test_training_with_a_crop_previews_it_and_the_checkpoint_keeps_it(in_tmp: Path) -> None:
     args = [*FAST, "data.n_train=12", "data.n_test=4", "data.crop=100", "trainer.max_epochs=1"]
-    result = run_module("cellcls.train", [*args, "hydra.run.dir=run"], tmp_path, synthetic_cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "run"
+    run = in_tmp / "run"
+    train(compose_run(args, run))
     assert (run / "crops.png").stat().st_size > 0
     assert (run / "centred.txt").read_text() == ""  # every generated cell was found
     assert restore(best_checkpoint(run), data=False).config.data.crop == 100  # eval, predict

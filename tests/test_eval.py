@@ -12,18 +12,36 @@ import torch
 from PIL import Image
 
 from cellcls.core.errors import CellclsError
+from cellcls.eval import evaluate as evaluate_cfg
 from cellcls.run.checkpoint import restore
-from tests.conftest import CLASSES, FAST, best_checkpoint, run_module
+from tests.conftest import CLASSES, FAST, best_checkpoint, compose_run, run_module
 
 EVAL_FAST = [a for a in FAST if not a.startswith(("data=", "data.image_size"))]
 
 
 def evaluate(cwd: Path, cache: Path, ckpt: Path | str, *args: str):
+    """`python -m cellcls.eval` as a user runs it: a subprocess (for its console and messages)."""
     out = cwd / "eval"
     result = run_module(
         "cellcls.eval", [f"ckpt_path={ckpt}", *EVAL_FAST, f"hydra.run.dir={out}", *args], cwd, cache
     )
     return out, result
+
+
+@pytest.fixture
+def eval_here(trained_run, synthetic_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """cellcls.eval's function in the test process, in the trained run's working folder (its
+    data paths are relative to it): `eval_here(ckpt, *args)` returns (out, metrics.json)."""
+    monkeypatch.setenv("CELLCLS_CACHE", str(synthetic_cache))
+    monkeypatch.chdir(trained_run[0].parents[1])
+
+    def run(ckpt: Path | str, *args: str) -> tuple[Path, dict]:
+        out = tmp_path / "eval"
+        overrides = [f"ckpt_path={ckpt}", *EVAL_FAST, *args]
+        evaluate_cfg(compose_run(overrides, out, "eval"), overrides)
+        return out, json.loads((out / "metrics.json").read_text())
+
+    return run
 
 
 @pytest.mark.slow
@@ -65,7 +83,7 @@ def test_report_files_are_well_formed(trained_run, tmp_path, synthetic_cache) ->
 
 
 @pytest.mark.slow
-def test_eval_another_split_folder(trained_run, tmp_path, synthetic_cache) -> None:
+def test_eval_another_split_folder(trained_run, tmp_path, eval_here) -> None:
     run, _ = trained_run
     saved = torch.load(best_checkpoint(run), weights_only=True)["cellcls_config"]
     source = Path(saved["data"]["root"])
@@ -76,10 +94,7 @@ def test_eval_another_split_folder(trained_run, tmp_path, synthetic_cache) -> No
     for c in CLASSES:  # a smaller folder, so the count shows which one was scored
         for f in sorted((other / "OTHER" / c).iterdir())[5:]:
             f.unlink()
-    args = [f"data.root={other}", "data.split=OTHER"]
-    out, result = evaluate(run.parents[1], synthetic_cache, best_checkpoint(run), *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    _, metrics = eval_here(best_checkpoint(run), f"data.root={other}", "data.split=OTHER")
     assert metrics["split"] == "OTHER" and metrics["n_images"] == 4 * 5
 
 
@@ -93,30 +108,29 @@ def test_eval_another_split_folder(trained_run, tmp_path, synthetic_cache) -> No
     ],
 )
 def test_eval_mismatch_is_one_clear_message(
-    trained_run, synthetic_cache, args: list[str], message: str
+    trained_run, eval_here, args: list[str], message: str
 ) -> None:
-    run, _ = trained_run
-    _, result = evaluate(run.parents[1], synthetic_cache, best_checkpoint(run), *args)
-    assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(CellclsError, match=message):
+        eval_here(best_checkpoint(trained_run[0]), *args)
 
 
 @pytest.mark.slow
 def test_eval_bad_checkpoints(tmp_path: Path, synthetic_cache: Path) -> None:
+    """Each is refused by name; the command line shows the one line, not a traceback."""
+    missing = tmp_path / "missing.ckpt"
+    _, result = evaluate(tmp_path, synthetic_cache, missing)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"'{missing}' does not exist" in result.stderr, result.stderr[-2000:]
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_text("not a checkpoint")
-    cases = {
-        tmp_path / "missing.ckpt": "does not exist",
+    for ckpt, message in {
         foreign: "was not written by cellcls.train",
         garbage: "is not a readable checkpoint",
-    }
-    for ckpt, message in cases.items():
-        _, result = evaluate(tmp_path, synthetic_cache, ckpt)
-        assert result.returncode != 0
-        assert f"'{ckpt}'" in result.stderr and message in result.stderr, result.stderr[-2000:]
-        assert "Traceback" not in result.stderr
+    }.items():
+        with pytest.raises(CellclsError, match=f"'{ckpt}'.*{message}"):
+            restore(ckpt, data=False)
 
 
 @pytest.mark.slow
@@ -136,7 +150,7 @@ def test_ensemble_averages_its_members_probabilities(trained_run) -> None:
 
 
 @pytest.mark.slow
-def test_eval_of_an_ensemble(trained_run, tmp_path, synthetic_cache) -> None:
+def test_eval_of_an_ensemble(trained_run, tmp_path, eval_here) -> None:
     """`ckpt_path=[A,B]` scores the average; members that held out other cells of TRAIN are
     refused for data.split=val (some trained on the images scored), not for TEST."""
     run, _ = trained_run
@@ -145,13 +159,10 @@ def test_eval_of_an_ensemble(trained_run, tmp_path, synthetic_cache) -> None:
     ckpt["cellcls_config"]["data"]["seed"] += 1
     other = tmp_path / "other_split.ckpt"
     torch.save(ckpt, other)
-    out, result = evaluate(run.parents[1], synthetic_cache, f"[{best},{other}]")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    _, metrics = eval_here(f"[{best},{other}]")
     single = json.loads((run / "metrics.json").read_text())
     # The same weights twice: the average is the model itself.
     assert metrics["accuracy"] == pytest.approx(single["accuracy"], abs=1e-9)
     assert metrics["checkpoint"] == f"{best}, {other}"
-    _, result = evaluate(run.parents[1], synthetic_cache, f"[{best},{other}]", "data.split=val")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"'{other}' was trained with data.seed=" in result.stderr, result.stderr[-2000:]
+    with pytest.raises(CellclsError, match=f"'{other}' was trained with data.seed="):
+        eval_here(f"[{best},{other}]", "data.split=val")

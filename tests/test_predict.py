@@ -11,7 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CLASSES, best_checkpoint, run_module
+from cellcls.core.errors import CellclsError
+from cellcls.predict import predict as predict_cfg
+from cellcls.train import train
+from tests.conftest import CLASSES, best_checkpoint, compose_run, run_module
 
 
 class RunsCode:
@@ -35,9 +38,16 @@ def tampered(trained_run, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def predict(cwd: Path, cache: Path, *args: str):
+    """`python -m cellcls.predict` as a user runs it: a subprocess (for its console)."""
     out = cwd / "predict"
     result = run_module("cellcls.predict", [*args, f"hydra.run.dir={out}"], cwd, cache)
     return out, result
+
+
+def predict_here(out: Path, ckpt: Path | str, inputs: Path) -> list[dict[str, str]]:
+    """cellcls.predict's function in the test process: the rows of its predictions.csv."""
+    predict_cfg(compose_run([f"ckpt_path={ckpt}", f"inputs={inputs}"], out, "predict"), out)
+    return list(csv.DictReader((out / "predictions.csv").open()))
 
 
 @pytest.mark.slow
@@ -83,30 +93,25 @@ def test_predict_a_folder_with_a_bad_file(trained_run, tmp_path, synthetic_cache
     assert "2 file(s) could not be read" in result.stdout
 
     one = inputs / "nested" / "1.jpeg"
-    out, result = predict(
-        tmp_path, synthetic_cache, f"ckpt_path={best_checkpoint(run)}", f"inputs={one}"
-    )
-    assert (
-        result.returncode == 0 and len(list(csv.DictReader((out / "predictions.csv").open()))) == 1
-    )
+    assert len(predict_here(tmp_path / "one", best_checkpoint(run), one)) == 1
 
 
 @pytest.mark.slow
 def test_tampered_checkpoint_is_refused(tampered, tmp_path, synthetic_cache) -> None:
+    """By predict on the command line (one line, no traceback) and by resuming training."""
     ckpt, marker = tampered
-    for module, args in (
-        ("cellcls.predict", [f"inputs={tmp_path}"]),
-        ("cellcls.train", ["data=synthetic", "hydra.run.dir=resumed"]),
-    ):
-        result = run_module(module, [f"ckpt_path={ckpt}", *args], tmp_path, synthetic_cache)
-        assert result.returncode != 0, module
-        assert f"ckpt_path '{ckpt}' was refused" in result.stderr, result.stderr[-2000:]
-        assert "posix.system" in result.stderr and "Traceback" not in result.stderr
+    args = [f"ckpt_path={ckpt}", f"inputs={tmp_path}"]
+    result = run_module("cellcls.predict", args, tmp_path, synthetic_cache)
+    assert result.returncode != 0
+    assert f"ckpt_path '{ckpt}' was refused" in result.stderr, result.stderr[-2000:]
+    assert "posix.system" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(CellclsError, match=f"ckpt_path '{ckpt}' was refused.*posix.system"):
+        train(compose_run([f"ckpt_path={ckpt}", "data=synthetic"], tmp_path / "resumed"))
     assert not marker.exists()
 
 
 @pytest.mark.slow
-def test_predict_with_an_ensemble(trained_run, tmp_path, synthetic_cache) -> None:
+def test_predict_with_an_ensemble(trained_run, tmp_path) -> None:
     """`ckpt_path=[A,B]`: each image's probabilities are the average of A's and B's."""
     run, _ = trained_run
     inputs = tmp_path / "new"
@@ -116,12 +121,7 @@ def test_predict_with_an_ensemble(trained_run, tmp_path, synthetic_cache) -> Non
     ckpts = [best_checkpoint(run), run / "checkpoints" / "last.ckpt"]
     probs = []
     for name, ckpt in (("a", ckpts[0]), ("b", ckpts[1]), ("ab", f"[{ckpts[0]},{ckpts[1]}]")):
-        (tmp_path / name).mkdir()
-        out, result = predict(
-            tmp_path / name, synthetic_cache, f"ckpt_path={ckpt}", f"inputs={inputs}"
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows = sorted(csv.DictReader((out / "predictions.csv").open()), key=lambda r: r["path"])
+        rows = sorted(predict_here(tmp_path / name, ckpt, inputs), key=lambda r: r["path"])
         probs.append(torch.tensor([[float(r[c]) for c in CLASSES] for r in rows]))
     assert len(probs[2]) == 6 and not torch.allclose(probs[0], probs[1], atol=1e-4)
     torch.testing.assert_close(probs[2], (probs[0] + probs[1]) / 2, atol=2e-6, rtol=0)
