@@ -112,6 +112,14 @@ def test_bad_timm_settings_are_one_line(name: str, weights: str | None, match: s
         timm_net(name, weights=weights)
 
 
+def test_a_key_the_timm_network_does_not_take_is_named(tmp_path: Path) -> None:
+    """experiment=best model=timm carries smallcnn_bn's widths: named, not a TypeError in timm."""
+    path, _ = saved_timm(tmp_path, "resnet10t")
+    for weights in (None, str(path)):
+        with pytest.raises(CellclsError, match=r"model.net.widths is not a setting of timm's"):
+            timm_net("resnet10t", weights=weights, widths=[16, 32])
+
+
 def test_timm_weights_of_another_network_are_refused(tmp_path: Path) -> None:
     path, _ = saved_timm(tmp_path, "resnet10t")
     with pytest.raises(

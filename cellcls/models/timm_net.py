@@ -49,8 +49,30 @@ def timm_net(
             "tags (resnet50.a1_in1k; timm.list_pretrained('resnet50.*'))."
         )
     build = {"num_classes": num_classes, **kwargs}
+    try:
+        net = _create(timm, name, arch, tags, weights, build)
+    except TypeError as err:  # a model.net key the architecture does not take
+        if "unexpected keyword argument" not in str(err):
+            raise
+        key = str(err).rsplit("'", 2)[-2]
+        raise CellclsError(
+            f"model.net.{key} is not a setting of timm's {arch}: remove it (~model.net.{key}; "
+            "experiment=best sets model.net.widths, for smallcnn_bn)."
+        ) from None
+    if weights is not None:
+        cfg = net.pretrained_cfg
+        net.normalization = normalization(cfg["mean"], cfg["std"], f"timm:{arch}.{cfg.get('tag')}")
+    if small_input:
+        halve_stem(net, name)
+    return net
+
+
+def _create(
+    timm: Any, name: str, arch: str, tags: list[str], weights: str | None, build: dict[str, Any]
+) -> nn.Module:
+    """The timm network of `timm_net`, with its weights (none, downloaded, or a file)."""
     if weights is None:
-        net = timm.create_model(name, pretrained=False, **build)
+        return timm.create_model(name, pretrained=False, **build)
     elif weights == IMAGENET or weights in tags:
         if not tags:
             raise CellclsError(
@@ -62,24 +84,20 @@ def timm_net(
             f"python -c \"import timm, torch; torch.save(timm.create_model('{full}', "
             f"pretrained=True).state_dict(), '{arch}.pth')\""
         )
-        net = download(lambda: timm.create_model(full, pretrained=True, **build), weights, save)
+        return download(lambda: timm.create_model(full, pretrained=True, **build), weights, save)
     else:
         path = weights_file(weights, [IMAGENET, *tags])
         check_file(path, safetensors=True)
         try:
             overlay = {"file": str(path)}
-            net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **build)
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **build)
         except pickle.UnpicklingError:
             raise CellclsError(f"model.net.weights='{path}' {REFUSED}") from None
+        except TypeError:  # a model.net key the architecture does not take: timm_net names it
+            raise
         except Exception as err:  # a file of another network, or not a weights file
             why = " ".join(str(err).split())[:300] or type(err).__name__
             raise CellclsError(
                 f"model.net.weights='{path}' does not fit timm's {name} (weights of another "
                 f"network, or not a state dict?): {why}"
             ) from None
-    if weights is not None:
-        cfg = net.pretrained_cfg
-        net.normalization = normalization(cfg["mean"], cfg["std"], f"timm:{arch}.{cfg.get('tag')}")
-    if small_input:
-        halve_stem(net, name)
-    return net
