@@ -75,7 +75,9 @@ def test_timm_weights_from_a_local_file(tmp_path: Path, name: str, suffix: str) 
 
 
 def test_timm_from_scratch_keeps_the_data_statistics(tmp_path: Path) -> None:
-    cfg = compose_run(["model=timm", "model.net.name=resnet10t"], tmp_path / "run")
+    cfg = compose_run(
+        ["data=synthetic", "model=timm", "model.net.name=resnet10t"], tmp_path / "run"
+    )
     model = instantiate(cfg.model, _convert_="object")
     assert model.hparams.normalization == "data"
     assert model.hparams.mean == list(cfg.data.mean)
