@@ -20,7 +20,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from hydra.utils import instantiate
 
-from cellcls.core.errors import CellclsError
+from cellcls.core.errors import CellclsError, exit_on_user_error
 from cellcls.models import timm_net, torchvision_net
 from cellcls.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from cellcls.models.classifier import head_of
@@ -114,12 +114,19 @@ def test_bad_timm_settings_are_one_line(name: str, weights: str | None, match: s
         timm_net(name, weights=weights)
 
 
-def test_a_key_the_timm_network_does_not_take_is_named(tmp_path: Path) -> None:
-    """experiment=best model=timm carries smallcnn_bn's widths: named, not a TypeError in timm."""
-    path, _ = saved_timm(tmp_path, "resnet10t")
-    for weights in (None, str(path)):
-        with pytest.raises(CellclsError, match=r"model.net.widths is not a setting of timm's"):
-            timm_net("resnet10t", weights=weights, widths=[16, 32])
+@pytest.mark.parametrize("model", ["resnet18", "timm", "timm-file"])
+def test_a_key_the_network_does_not_take_is_named(tmp_path: Path, model: str) -> None:
+    """experiment=best with another model carries smallcnn_bn's widths: one line naming the
+    setting, not a TypeError from inside torchvision or timm."""
+    overrides = ["experiment=best", "data=synthetic", f"model={model.split('-')[0]}"]
+    if model == "timm-file":  # timm's offline weights path builds the network its own way
+        path, _ = saved_timm(tmp_path, "resnet10t")
+        overrides += ["model.net.name=resnet10t", f"model.net.weights={path}"]
+    cfg = compose_run(overrides, tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(lambda: instantiate(cfg.model))()
+    assert str(stop.value.code).startswith("error: model.net.widths is not a setting of "), stop
+    assert "remove it (~model.net.widths)" in str(stop.value.code)
 
 
 def test_timm_weights_of_another_network_are_refused(tmp_path: Path) -> None:

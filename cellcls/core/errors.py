@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,7 +32,7 @@ def exit_on_user_error(fn: F) -> F:
             # Hydra's instantiate wraps what a constructor raises: look for ours in the chain.
             cause: BaseException | None = err
             while cause is not None and not isinstance(cause, CellclsError):
-                cause = cause.__cause__
+                cause = unknown_key(cause) or cause.__cause__
             if cause is None:
                 raise
             log.error("%s", cause)
@@ -41,6 +43,26 @@ def exit_on_user_error(fn: F) -> F:
             raise SystemExit(f"error: {cause}") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def unknown_key(err: BaseException) -> CellclsError | None:
+    """The setting at fault when Hydra's `_target_` got a keyword it does not take.
+
+    Swapping a config group keeps the keys an experiment set on it (`experiment=best
+    model=resnet18` carries smallcnn_bn's `widths`), and the constructor's TypeError names only
+    the key; Hydra's message names the config node."""
+    if not (isinstance(err, InstantiationException) and isinstance(err.__cause__, TypeError)):
+        return None
+    key = re.search(r"unexpected keyword argument '(\w+)'", str(err.__cause__))
+    node = re.search(r"full_key: (\S+)", str(err))
+    target = re.search(r"target '([\w.]+)'", str(err))
+    if not (key and node and target):
+        return None
+    name = f"{node[1]}.{key[1]}"
+    return CellclsError(
+        f"{name} is not a setting of {target[1]}: remove it (~{name}). An experiment's settings "
+        "stay when its model is swapped (experiment=best sets model.net.widths)."
+    )
 
 
 def require(ok: bool, name: str, value: Any, accepted: str) -> None:

@@ -49,16 +49,7 @@ def timm_net(
             "tags (resnet50.a1_in1k; timm.list_pretrained('resnet50.*'))."
         )
     build = {"num_classes": num_classes, **kwargs}
-    try:
-        net = _create(timm, name, arch, tags, weights, build)
-    except TypeError as err:  # a model.net key the architecture does not take
-        if "unexpected keyword argument" not in str(err):
-            raise
-        key = str(err).rsplit("'", 2)[-2]
-        raise CellclsError(
-            f"model.net.{key} is not a setting of timm's {arch}: remove it (~model.net.{key}; "
-            "experiment=best sets model.net.widths, for smallcnn_bn)."
-        ) from None
+    net = _create(timm, name, arch, tags, weights, build)
     if weights is not None:
         cfg = net.pretrained_cfg
         net.normalization = normalization(cfg["mean"], cfg["std"], f"timm:{arch}.{cfg.get('tag')}")
@@ -93,7 +84,7 @@ def _create(
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **build)
         except pickle.UnpicklingError:
             raise CellclsError(f"model.net.weights='{path}' {REFUSED}") from None
-        except TypeError:  # a model.net key the architecture does not take: timm_net names it
+        except TypeError:  # a key the architecture does not take: core.errors.unknown_key
             raise
         except Exception as err:  # a file of another network, or not a weights file
             why = " ".join(str(err).split())[:300] or type(err).__name__
