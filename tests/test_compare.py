@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from cellcls.compare import compare, main
 from cellcls.reports.metrics import write_predictions
-from tests.conftest import CLASSES, compose_run, run_module
+from tests.conftest import CLASSES, compose_run
 
 PATHS = [f"TEST/{CLASSES[i % 4]}/img{i:02d}.jpeg" for i in range(40)]
 LABELS = np.arange(40) % 4
@@ -106,9 +107,9 @@ def test_compare_refuses_other_groupings(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_trained_run_reports_intervals_and_compares(trained_run, tmp_path, synthetic_cache):
-    """A short train run's report has the intervals over cells, and compare runs as a user would:
-    the run against itself differs by exactly zero."""
+def test_trained_run_reports_intervals_and_compares(trained_run, tmp_path, caplog):
+    """A short train run's report has the intervals over cells, and compare takes its run
+    folder: the run against itself differs by exactly zero."""
     run, result = trained_run
     metrics = json.loads((run / "metrics.json").read_text())
     assert 2 <= metrics["n_groups"] <= metrics["n_images"]
@@ -124,15 +125,8 @@ def test_trained_run_reports_intervals_and_compares(trained_run, tmp_path, synth
     with Image.open(run / "reliability.png") as im:
         im.verify()
     assert f"over {metrics['n_groups']} cells" in result.stdout + result.stderr
-    out = tmp_path / "compare"
-    done = run_module(
-        "cellcls.compare",
-        [f"a={run}", f"b={run}", f"hydra.run.dir={out}"],
-        tmp_path,
-        synthetic_cache,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    compared = json.loads((out / "compare.json").read_text())
+    with caplog.at_level(logging.INFO):
+        compared = run_compare(tmp_path, run, run)  # the app in this process: no second start-up
     assert compared["ci95"] == compared["balanced_ci95"] == [0.0, 0.0]
     assert compared["n_images"] == metrics["n_images"]
-    assert "They disagree on 0 of" in done.stdout + done.stderr
+    assert "They disagree on 0 of" in caplog.text

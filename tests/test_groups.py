@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from cellcls.data.generate import generate_dataset, read_sources
 from cellcls.data.matching import find_groups, load_groups
 from cellcls.data.splits import grouped_split, shared_groups
 from cellcls.groups import report
-from tests.conftest import CONF_DIR, FAST, make_dm, run_module, split_groups
+from tests.conftest import CONF_DIR, FAST, make_dm, split_groups
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +123,13 @@ def test_cached_groups_are_reused(copies_root: Path, tmp_path: Path, monkeypatch
 
 
 @pytest.mark.slow
-def test_groups_app_writes_csv_plot_and_leaks(tmp_path: Path, synthetic_cache: Path) -> None:
-    args = [*FAST[:3], "data.n_train=16", "data.n_test=4", "data.copies=4", "hydra.run.dir=out"]
-    result = run_module("cellcls.groups", args, tmp_path, synthetic_cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "out"
+def test_groups_app_writes_csv_plot_and_leaks(in_tmp: Path, caplog) -> None:
+    overrides = [*FAST[:3], "data.n_train=16", "data.n_test=4", "data.copies=4"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("groups", overrides=overrides)
+    out = in_tmp / "out"
+    with caplog.at_level(logging.INFO):
+        report(cfg, out)
     with (out / "groups.csv").open(newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["path", "group"] and len(rows) == 1 + 4 * 16
@@ -137,7 +140,7 @@ def test_groups_app_writes_csv_plot_and_leaks(tmp_path: Path, synthetic_cache: P
     assert summary["groups"] == len({r[1] for r in rows[1:]})
     assert summary["validation"]["grouped"]["sharing_a_group_with_train"] == 0
     assert summary["validation"]["random"]["sharing_a_group_with_train"] > 0
-    assert f"{summary['groups']} source groups" in result.stdout + result.stderr
+    assert f"{summary['groups']} source groups" in caplog.text
     with Image.open(out / "groups.png") as im:
         assert im.size[0] > 100 and im.size[1] > 100
 
