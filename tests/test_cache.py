@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import socket
@@ -20,7 +19,7 @@ from cellcls.core.errors import CellclsError
 from cellcls.data.datamodule import BloodCellsDataModule
 from cellcls.data.decode import DecodeImage
 from cellcls.data.store import load_images
-from tests.conftest import CLASSES, FAST, run_module
+from tests.conftest import CLASSES
 
 
 def train_paths(root: Path) -> list[str]:
@@ -78,34 +77,6 @@ def test_same_first_batch_with_and_without_cache(tiny_root: Path, tmp_path: Path
     cached = first_batch(BloodCellsDataModule(tiny_root, cache=cache, cache_dir=tmp_path, **kw))
     assert torch.equal(plain[0], cached[0]) and torch.equal(plain[1], cached[1])
     assert plain[0].dtype == torch.uint8 and plain[0].shape == (8, 3, 36, 36)
-
-
-@pytest.mark.slow
-def test_bench_prints_json(tmp_path: Path, synthetic_cache: Path) -> None:
-    args = [
-        *FAST,
-        "data.n_train=16",
-        "data.n_test=2",
-        "data.image_size=32",
-        "bench.n_images=24",
-        "bench.keras=false",  # the Keras peer is tests/test_bench.py's
-        "hydra.run.dir=outputs/bench",
-    ]
-    args = [a for a in args if not a.startswith("callbacks.")]
-    result = run_module("cellcls.bench", args, tmp_path, synthetic_cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in (
-        "imagefolder_img_s",
-        "cached_img_s",
-        "plain_torch_train_img_s",
-        "lightning_train_img_s",
-        "lightning_same_settings_img_s",
-    ):
-        assert figures[key] > 0, key
-    assert figures["n_images"] == 24 and figures["image_size"] == 32
-    assert figures["batch_size"] == 16 and figures["peak_rss_mb"] > 0
-    assert "cached / ImageFolder" in result.stdout
 
 
 def fake_free_space(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
