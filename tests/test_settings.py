@@ -12,23 +12,13 @@ from tests.conftest import FAST, compose_run, run_module
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("model=nope", "Could not find 'model/nope'"),  # Hydra's own message, with the options
-        ("trainer.max_epochs=abc", "trainer.max_epochs='abc' is not accepted"),
-    ],
-)
-def test_entry_point_says_one_thing(
-    tmp_path: Path, synthetic_cache: Path, override: str, message: str
-) -> None:
-    result = run_module("cellcls.train", [*FAST, override], tmp_path, synthetic_cache)
+def test_an_unknown_option_is_hydras_one_line(tmp_path: Path, synthetic_cache: Path) -> None:
+    """Hydra's own message, with the options; cellcls's settings are checked in the test process
+    below, and their command line in tests/test_resume.py (ckpt_path=last)."""
+    result = run_module("cellcls.train", [*FAST, "model=nope"], tmp_path, synthetic_cache)
     assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
-    if override.startswith("model="):
-        assert "smallcnn" in result.stderr  # the accepted values
-    else:
-        assert "must be an integer" in result.stderr
+    assert "Could not find 'model/nope'" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "smallcnn" in result.stderr  # the accepted values
 
 
 @pytest.mark.parametrize(
@@ -43,6 +33,7 @@ def test_entry_point_says_one_thing(
         ("data.num_workers=-1", "data.num_workers=-1 is not accepted"),
         ("data.cache=ram", "data.cache='ram' is not accepted: data.cache must be disk, memory"),
         ("seed=abc", "seed='abc' is not accepted"),
+        ("trainer.max_epochs=abc", "trainer.max_epochs='abc' is not accepted: trainer.max_epochs"),
         ("model.optimizer.lr=abc", "model.optimizer.lr='abc' is not accepted: model.optimizer.lr"),
         ("model.optimizer.lr=0", "model.optimizer.lr=0 is not accepted"),
         ("model.optimizer.weight_decay=-1", "model.optimizer.weight_decay=-1 is not accepted"),

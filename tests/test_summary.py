@@ -1,4 +1,5 @@
-"""Sweep summaries: from job folders, and after a real multirun in which some jobs fail."""
+"""Sweep summaries: from job folders, and after a real multirun (one folder per job, one
+generated dataset) in which some jobs fail."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cellcls.summary import main, record_job, write_summary
-from tests.conftest import FAST, run_module
+from tests.conftest import FAST, last_value, run_module
 
 TINY = ["data.n_train=8", "data.n_test=2", "data.image_size=32", "trainer.max_epochs=1"]
 
@@ -100,3 +101,12 @@ def test_multirun_summary_with_failing_jobs(tmp_path: Path, synthetic_cache: Pat
     assert result.returncode != 0
     assert json.loads((sweep / "0" / "job.json").read_text())["status"] in ("completed", "failed")
     assert (sweep / "summary.md").is_file() and (sweep / "summary.png").is_file()
+    # One folder per job; the good one has its checkpoint, its TEST figure and its own lr.
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1", "2", "3"]
+    assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
+    last_value(sweep / "0" / "csv" / "metrics.csv", "test/acc")
+    assert last_value(sweep / "0" / "csv" / "metrics.csv", "lr-Adam") == 1e-3
+    # Every job used the one dataset generated for these settings.
+    dataset = synthetic_cache / "synthetic-8-2-x5-seed0"
+    assert len(list((dataset / "TRAIN" / "MONOCYTE").iterdir())) == 8

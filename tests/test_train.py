@@ -11,7 +11,7 @@ from PIL import Image
 
 from cellcls.core.errors import CellclsError
 from cellcls.train import train
-from tests.conftest import FAST, compose_run, last_value, run_module
+from tests.conftest import FAST, compose_run, last_value
 
 
 @pytest.mark.slow
@@ -55,32 +55,6 @@ def test_missing_data_is_one_clear_message(in_tmp: Path) -> None:
         CellclsError, match="data.root 'no/such/folder' does not exist.*data=synthetic"
     ):
         train(compose_run(["data.root=no/such/folder"], in_tmp / "run"))
-
-
-@pytest.mark.slow
-def test_multirun_one_folder_per_job(tmp_path: Path, synthetic_cache: Path) -> None:
-    args = [
-        "-m",
-        *FAST,
-        "data.n_train=8",
-        "data.n_test=2",
-        "trainer.max_epochs=1",
-        "model.optimizer.lr=1e-3,1e-4",
-    ]
-    result = run_module("cellcls.train", args, tmp_path, synthetic_cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert jobs == ["0", "1"]
-    lrs = []
-    for job in jobs:
-        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
-        last_value(sweep / job / "csv" / "metrics.csv", "test/acc")
-        lrs.append(last_value(sweep / job / "csv" / "metrics.csv", "lr-Adam"))
-    assert lrs == [1e-3, 1e-4]
-    # Both jobs used the one dataset generated for these settings.
-    dataset = synthetic_cache / "synthetic-8-2-x5-seed0"
-    assert len(list((dataset / "TRAIN" / "MONOCYTE").iterdir())) == 8
 
 
 @pytest.mark.slow
