@@ -1,4 +1,5 @@
-"""`hydra/launcher=slurm` composes; the submitit path runs, here with submitit's local executor."""
+"""`hydra/launcher=slurm` composes; the submitit path runs, here with submitit's local executor
+(cellcls.cv's folds as parallel jobs: each in its own process, then pooled once)."""
 
 from __future__ import annotations
 
@@ -29,23 +30,6 @@ def test_slurm_launcher_config() -> None:
 
 
 @pytest.mark.slow
-def test_submitit_local_multirun(tmp_path: Path, synthetic_cache: Path) -> None:
-    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *FAST, *TINY]
-    result = run_module(
-        "cellcls.train", [*args, "model.optimizer.lr=1e-3"], tmp_path, synthetic_cache
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
-    assert (sweep / ".submitit").is_dir()  # the jobs went through submitit
-    with (sweep / "summary.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    (row,) = rows
-    assert row["model.optimizer.lr"] == "0.001" and row["status"] == "completed" and row["test/acc"]
-    assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
-    assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # the job ran in its own process
-
-
-@pytest.mark.slow
 def test_cv_folds_as_parallel_jobs_are_pooled_once(tmp_path: Path, synthetic_cache: Path) -> None:
     args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *FAST, *TINY]
     args += ["data.copies=2", "cv.folds=2", "cv.fold=0,1"]
@@ -53,6 +37,10 @@ def test_cv_folds_as_parallel_jobs_are_pooled_once(tmp_path: Path, synthetic_cac
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "cv" / "multiruns").iterdir()
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # one process per fold
+    with (sweep / "summary.csv").open(newline="") as f:  # the sweep's summary, as for train -m
+        jobs = list(csv.DictReader(f))
+    assert sorted(r["cv.fold"] for r in jobs) == ["0", "1"]
+    assert {r["status"] for r in jobs} == {"completed"}
     for fold in (0, 1):
         assert (sweep / f"fold_{fold}" / "fold.json").is_file()
     metrics = json.loads((sweep / "cv_metrics.json").read_text())
