@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from optuna.trial import TrialState
 
-from cellcls.search import OptunaPruning
-from tests.conftest import CONF_DIR, FAST, run_module
+from cellcls.search import OptunaPruning, main
+from tests.conftest import CONF_DIR, FAST, compose_run
 
 TINY = ["data.n_train=8", "data.n_test=2", "data.image_size=32", "trainer.max_epochs=1"]
 OPTIONS = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
@@ -52,14 +53,16 @@ def test_pruning_callback_stops_a_bad_trial() -> None:
     assert trial.study.trials[0].intermediate_values == {1: 0.5}
 
 
+def run_search(out: Path, *overrides: str) -> None:
+    """`python -m cellcls.search` in this process (each run, like a new process, reads the
+    study back from its SQLite file)."""
+    main.__wrapped__(compose_run([*FAST, *TINY, *overrides], out, "search"))
+
+
 @pytest.mark.slow
-def test_search_runs_and_resumes(tmp_path: Path, synthetic_cache: Path) -> None:
-    args = [*FAST, *TINY, "hydra.run.dir=outputs/search"]
-    first = run_module(
-        "cellcls.search", [*args, "hparams_search.n_trials=1"], tmp_path, synthetic_cache
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
-    out = tmp_path / "outputs" / "search"
+def test_search_runs_and_resumes(in_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = in_tmp / "outputs" / "search"
+    run_search(out, "hparams_search.n_trials=1")
     storage = f"sqlite:///{out / 'optuna.db'}"
     study = optuna.load_study(study_name="smallcnn", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
@@ -67,11 +70,9 @@ def test_search_runs_and_resumes(tmp_path: Path, synthetic_cache: Path) -> None:
 
     # A search killed in the middle of a trial leaves it running in the database.
     interrupted = study.ask(search_space())
-    second = run_module(
-        "cellcls.search", [*args, "hparams_search.n_trials=2"], tmp_path, synthetic_cache
-    )
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "Resuming study" in second.stdout
+    with caplog.at_level(logging.INFO):
+        run_search(out, "hparams_search.n_trials=2")
+    assert "Resuming study 'smallcnn'" in caplog.text
     trials = optuna.load_study(study_name="smallcnn", storage=storage).trials
     states = [t.state for t in trials]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
@@ -85,12 +86,10 @@ def test_search_runs_and_resumes(tmp_path: Path, synthetic_cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_search_on_cross_validation(tmp_path: Path, synthetic_cache: Path) -> None:
+def test_search_on_cross_validation(in_tmp: Path) -> None:
     """search.cv_folds=K: a trial's value is its pooled out-of-fold accuracy."""
-    args = [*FAST, *TINY, "hydra.run.dir=outputs/search", "hparams_search.n_trials=1"]
-    result = run_module("cellcls.search", [*args, "search.cv_folds=2"], tmp_path, synthetic_cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "outputs" / "search"
+    out = in_tmp / "outputs" / "search"
+    run_search(out, "hparams_search.n_trials=1", "search.cv_folds=2")
     cv = json.loads((out / "0" / "cv_metrics.json").read_text())
     assert cv["folds"] == 2 and (out / "0" / "fold_1" / "fold.json").is_file()
     study = optuna.load_study(study_name="smallcnn", storage=f"sqlite:///{out / 'optuna.db'}")
