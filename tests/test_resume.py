@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cellcls.run.state import RngState
-from tests.conftest import FAST, run_module
+from cellcls.train import train
+from tests.conftest import FAST, compose_run, run_module
 
 # A callback that sends this very process a real SIGTERM in the middle of an epoch.
 KILLER = """
@@ -40,27 +41,27 @@ def epochs_logged(metrics: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume(tmp_path: Path, synthetic_cache: Path) -> None:
-    (tmp_path / "killer.py").write_text(KILLER)
+def test_sigterm_mid_epoch_then_resume(in_tmp: Path, synthetic_cache: Path) -> None:
+    """Stopped by a real SIGTERM in its own process; resumed in this one."""
+    (in_tmp / "killer.py").write_text(KILLER)
     kill = ["+callbacks.kill._target_=killer.SigtermAt", "+callbacks.kill.epoch=1"]
     stopped = run_module(
-        "cellcls.train", [*RUN, *kill, "+callbacks.kill.batch=2"], tmp_path, synthetic_cache
+        "cellcls.train", [*RUN, *kill, "+callbacks.kill.batch=2"], in_tmp, synthetic_cache
     )
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "Resume it with: python -m cellcls.train ckpt_path=last" in stopped.stdout
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last = in_tmp / "run" / "checkpoints" / "last.ckpt"
     # Only tensors and plain values: nothing needs allowing for weights_only loading.
     assert torch.serialization.get_unsafe_globals_in_checkpoint(last) == []
     ckpt = torch.load(last, weights_only=True)
     assert (ckpt["epoch"], ckpt["global_step"]) == (1, 8 + 3)  # saved where it stopped
-    metrics = tmp_path / "run" / "csv" / "metrics.csv"
+    metrics = in_tmp / "run" / "csv" / "metrics.csv"
     assert epochs_logged(metrics) == [0]
     before = logged(metrics)
 
     # Data and model settings come from the checkpoint; only the trainer's are repeated.
-    resume = ["ckpt_path=last", "hydra.run.dir=run", "trainer.max_epochs=3", *FAST[2:]]
-    resumed = run_module("cellcls.train", resume, tmp_path, synthetic_cache)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume = ["ckpt_path=last", "trainer.max_epochs=3", *FAST[2:]]
+    train(compose_run(resume, in_tmp / "run"))
     assert torch.load(last, weights_only=True)["global_step"] == 3 * 8  # no batch lost or doubled
     assert epochs_logged(metrics) == [0, 1, 2]
     after = logged(metrics)
