@@ -19,7 +19,7 @@ from cellcls.data.generate import generate_dataset, read_sources
 from cellcls.data.matching import find_groups, load_groups
 from cellcls.data.splits import grouped_split, shared_groups
 from cellcls.groups import report
-from tests.conftest import CONF_DIR, FAST, make_dm, split_groups
+from tests.conftest import CONF_DIR, FAST, compose_run, make_dm, split_groups
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +125,8 @@ def test_cached_groups_are_reused(copies_root: Path, tmp_path: Path, monkeypatch
 @pytest.mark.slow
 def test_groups_app_writes_csv_plot_and_leaks(in_tmp: Path, caplog) -> None:
     overrides = [*FAST[:3], "data.n_train=16", "data.n_test=4", "data.copies=4"]
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("groups", overrides=overrides)
     out = in_tmp / "out"
+    cfg = compose_run(overrides, out, "groups")
     with caplog.at_level(logging.INFO):
         report(cfg, out)
     with (out / "groups.csv").open(newline="") as f:

@@ -60,8 +60,8 @@ def unknown_key(err: BaseException) -> CellclsError | None:
         return None
     name = f"{node[1]}.{key[1]}"
     return CellclsError(
-        f"{name} is not a setting of {target[1]}: remove it (~{name}). An experiment's settings "
-        "stay when its model is swapped (experiment=best sets model.net.widths)."
+        f"{name} is not a setting of {target[1]}: remove it (~{name}). A config group swapped "
+        "under an experiment keeps the keys the experiment set on it."
     )
 
 
