@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cellcls.models.classifier import CellClassifier
 from cellcls.run.state import RngState
 from cellcls.train import train
 from tests.conftest import FAST, compose_run, run_module
@@ -84,3 +86,26 @@ def test_rng_state_round_trip(tmp_path: Path) -> None:
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
     assert expected[2] == again[2]
+
+
+@pytest.mark.slow
+def test_stopped_in_validation_resumes_and_validates_that_epoch(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C lands mid-validation as often as mid-training; resumed, nothing of the epoch's
+    training is left to time, and the run must neither crash on that nor skip the validation."""
+    run = [*FAST, "data.n_train=10", "data.n_test=2", "data.image_size=32", "data.batch_size=8"]
+    run += ["trainer.max_epochs=3", "test=false"]
+    step = CellClassifier.validation_step
+
+    def stopped_in_epoch_1(self: CellClassifier, *args: object) -> None:
+        if self.current_epoch == 1 and not self.trainer.sanity_checking:
+            raise SIGTERMException  # where a Ctrl-C or Lightning's SIGTERM handler raises
+        return step(self, *args)
+
+    monkeypatch.setattr(CellClassifier, "validation_step", stopped_in_epoch_1)
+    with pytest.raises(SystemExit):
+        train(compose_run(run, in_tmp / "run"))
+    monkeypatch.setattr(CellClassifier, "validation_step", step)
+    train(compose_run([*run, "ckpt_path=last"], in_tmp / "run"))
+    assert epochs_logged(in_tmp / "run" / "csv" / "metrics.csv") == [0, 1, 2]

@@ -26,7 +26,8 @@ class EpochSpeed(L.Callback):
     """Log `train/epoch_s` (wall time of the training part of an epoch) and `train/img_s`.
 
     Validation is excluded, so the figures describe training throughput alone. A run resumed
-    mid-epoch starts without `on_train_epoch_start`: its first figures cover the rest of it.
+    mid-epoch starts without `on_train_epoch_start`: its first figures cover the rest of it
+    (resumed in validation, that epoch has no training left to time and logs none).
     On a GPU the clock is read after the device has finished its queued work (at the start and
     after the epoch's last batch), or it would time the kernel launches, not the maths.
     """
@@ -55,6 +56,8 @@ class EpochSpeed(L.Callback):
         self._end = time.perf_counter()  # validation runs before on_train_epoch_end
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._images:  # resumed after the epoch's last batch
+            return
         seconds = self._end - self._start
         self.img_s.append(self._images / seconds)
         pl_module.log("train/epoch_s", seconds, sync_dist=True)
