@@ -17,6 +17,7 @@ import copy
 import csv
 import json
 import logging
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,15 @@ def best_checkpoint(fold_dir: Path) -> str:
     return str(best[-1] if best else fold_dir / "checkpoints" / "last.ckpt")
 
 
+def resume_command(out: Path) -> str:
+    """This CV's own command line in its folder `out`: it keeps the finished folds and resumes
+    an unfinished one from its `last.ckpt` (one fold of a multirun: that fold, in the sweep's
+    folder)."""
+    task = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    words = ["python", "-m", "cellcls.cv", *task, f"hydra.run.dir={out.resolve()}"]
+    return shlex.join(words)
+
+
 def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict[str, Any]:
     """Train fold `fold` unless it is done, then score its held-out cells; returns fold.json."""
     fold_dir = out / f"fold_{fold}"
@@ -88,7 +98,7 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict[str, Any]:
         return json.loads(done.read_text())
     log.info("Fold %d of %d: training in %s", fold, cfg.cv.folds, fold_dir)
     fold_cfg = fold_config(cfg, fold, fold_dir)
-    train(fold_cfg)
+    train(fold_cfg, resume=resume_command(out))
     ckpt = best_checkpoint(fold_dir)
     oof = score(fold_cfg, ckpt, "val", fold_dir / "oof")
     record = {"fold": fold, "checkpoint": ckpt, "val_accuracy": oof["accuracy"]}

@@ -99,12 +99,15 @@ def resume_path(cfg: DictConfig) -> str | None:
     return str(last)
 
 
-def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
+def train(
+    cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = (), resume: str | None = None
+) -> dict[str, float]:
     """Fit and test as `cfg` says; return every metric the run logged.
 
     Resuming (`ckpt_path`), the data and model settings come from the checkpoint, with the
     command line's `data.*` and `model.*` on top, as in `cellcls.eval`. `extra_callbacks` join
-    the config's (cellcls.search adds its pruning callback).
+    the config's (cellcls.search adds its pruning callback). `resume` is the command that an
+    interruption names (cellcls.cv's own); by default, this run's `ckpt_path=last`.
     """
     check_settings(cfg)
     ckpt_path = resume_path(cfg)
@@ -134,11 +137,11 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SystemExit as stop:  # how Lightning ends fit on Ctrl-C (code 1) and SIGTERM (none)
         if (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file():
-            log.warning(
-                "Training was interrupted. Resume it with: python -m cellcls.train ckpt_path=last "
-                "hydra.run.dir=%s (and the same trainer settings)",
-                Path(cfg.paths.output_dir).resolve(),
+            resume = resume or (
+                "python -m cellcls.train ckpt_path=last hydra.run.dir="
+                f"{Path(cfg.paths.output_dir).resolve()} (and the same trainer settings)"
             )
+            log.warning("Training was interrupted. Resume it with: %s", resume)
         raise SystemExit(stop.code or 128 + signal.SIGTERM) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
