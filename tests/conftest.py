@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
 from cellcls.data.datamodule import ImageFolderDataModule
 from cellcls.data.generate import generate_dataset
+from cellcls.models.classifier import CellClassifier
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
@@ -85,6 +87,29 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path)
     result = run_module("cellcls.train", args, cwd, synthetic_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "outputs" / "run", result
+
+
+def logged(metrics: Path) -> list[dict[str, str]]:
+    """The rows of a metrics.csv, without their empty cells (columns may be added later)."""
+    return [{k: v for k, v in r.items() if v} for r in csv.DictReader(metrics.open())]
+
+
+def epochs_logged(metrics: Path) -> list[int]:
+    """The epochs a metrics.csv holds a validation for, in order."""
+    return [int(r["epoch"]) for r in logged(metrics) if "val/acc" in r]
+
+
+def stop_in(monkeypatch: pytest.MonkeyPatch, step: str, epoch: int, batch: int = 0) -> None:
+    """Make the classifier's `step` ("training_step", "validation_step") raise, at batch
+    `batch` of epoch `epoch`, what Ctrl-C or Lightning's SIGTERM handler raise there."""
+    original = getattr(CellClassifier, step)
+
+    def stopped(self: CellClassifier, batch_: object, batch_idx: int) -> object:
+        if (self.current_epoch, batch_idx) == (epoch, batch) and not self.trainer.sanity_checking:
+            raise SIGTERMException
+        return original(self, batch_, batch_idx)
+
+    monkeypatch.setattr(CellClassifier, step, stopped)
 
 
 def last_value(metrics_csv: Path, key: str) -> float:

@@ -6,16 +6,14 @@ import csv
 import json
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cellcls.core.errors import CellclsError
 from cellcls.cv import cross_validate
 from cellcls.data.generate import generate_dataset
 from cellcls.data.splits import fold_indices
-from tests.conftest import FAST, compose_run, make_dm, split_groups
+from tests.conftest import FAST, compose_run, epochs_logged, make_dm, split_groups, stop_in
 
 
 def test_folds_validate_every_group_once_and_never_split_one() -> None:
@@ -114,36 +112,24 @@ def test_cv_pools_out_of_fold_and_tests_the_fold_ensemble(in_tmp: Path) -> None:
     assert (out / "fold_1" / "fold.json").is_file() and "test_ensemble_accuracy" not in again
 
 
-class StopAt(L.Callback):
-    """Stops fitting after the second batch of epoch `epoch`, as Lightning's SIGTERM handler
-    does."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if (trainer.current_epoch, args[-1]) == (self.epoch, 1):  # args[-1]: batch_idx
-            raise SIGTERMException
-
-
 @pytest.mark.slow
 def test_an_interrupted_cv_names_its_own_command_and_resumes_mid_fold(
-    in_tmp: Path, caplog: pytest.LogCaptureFixture
+    in_tmp: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     args = [*FAST, "data.n_train=8", "data.n_test=2", "data.copies=2", "data.image_size=32"]
     args += ["trainer.max_epochs=2", "cv.folds=2", "test=false", "data.batch_size=4"]
     out = in_tmp / "cv"
-    stop = ["+callbacks.stop._target_=tests.test_cv.StopAt", "+callbacks.stop.epoch=1"]
-    with pytest.raises(SystemExit):
-        cross_validate(compose_run([*args, *stop], out, "cv"))
+    with monkeypatch.context() as patch:
+        stop_in(patch, "training_step", epoch=1, batch=1)
+        with pytest.raises(SystemExit):
+            cross_validate(compose_run(args, out, "cv"))
     hint = "Resume it with: python -m cellcls.cv data=synthetic "
     assert hint in caplog.text and f"hydra.run.dir={out.resolve()}" in caplog.text
     assert "python -m cellcls.train" not in caplog.text
     assert (out / "fold_0" / "checkpoints" / "last.ckpt").is_file()
     assert not (out / "fold_0" / "fold.json").exists()
 
-    result = cross_validate(compose_run(args, out, "cv"))  # the command it named, without stop
-    with (out / "fold_0" / "csv" / "metrics.csv").open(newline="") as f:
-        epochs = [int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/acc")]
-    assert epochs == [0, 1]  # epoch 0 kept, epoch 1 resumed, neither run twice
+    result = cross_validate(compose_run(args, out, "cv"))  # the command it named
+    # Epoch 0 kept, epoch 1 resumed, neither run twice.
+    assert epochs_logged(out / "fold_0" / "csv" / "metrics.csv") == [0, 1]
     assert result["n_images"] == 4 * 8 and (out / "fold_1" / "fold.json").is_file()

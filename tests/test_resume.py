@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cellcls.models.classifier import CellClassifier
 from cellcls.run.state import RngState
 from cellcls.train import train
-from tests.conftest import FAST, compose_run, run_module
+from tests.conftest import FAST, compose_run, epochs_logged, logged, run_module, stop_in
 
 # A callback that sends this very process a real SIGTERM in the middle of an epoch.
 KILLER = """
@@ -31,15 +28,6 @@ class SigtermAt(L.Callback):
 """
 # 40 images per class: 128 for training after the 20% split, 8 batches of 16 per epoch.
 RUN = [*FAST, "data.n_train=40", "data.n_test=5", "trainer.max_epochs=3", "hydra.run.dir=run"]
-
-
-def logged(metrics: Path) -> list[dict[str, str]]:
-    """The rows of a metrics.csv, without their empty cells (columns may be added later)."""
-    return [{k: v for k, v in r.items() if v} for r in csv.DictReader(metrics.open())]
-
-
-def epochs_logged(metrics: Path) -> list[int]:
-    return [int(r["epoch"]) for r in logged(metrics) if "val/acc" in r]
 
 
 @pytest.mark.slow
@@ -96,16 +84,9 @@ def test_stopped_in_validation_resumes_and_validates_that_epoch(
     training is left to time, and the run must neither crash on that nor skip the validation."""
     run = [*FAST, "data.n_train=10", "data.n_test=2", "data.image_size=32", "data.batch_size=8"]
     run += ["trainer.max_epochs=3", "test=false"]
-    step = CellClassifier.validation_step
-
-    def stopped_in_epoch_1(self: CellClassifier, *args: object) -> None:
-        if self.current_epoch == 1 and not self.trainer.sanity_checking:
-            raise SIGTERMException  # where a Ctrl-C or Lightning's SIGTERM handler raises
-        return step(self, *args)
-
-    monkeypatch.setattr(CellClassifier, "validation_step", stopped_in_epoch_1)
-    with pytest.raises(SystemExit):
-        train(compose_run(run, in_tmp / "run"))
-    monkeypatch.setattr(CellClassifier, "validation_step", step)
+    with monkeypatch.context() as patch:
+        stop_in(patch, "validation_step", epoch=1)
+        with pytest.raises(SystemExit):
+            train(compose_run(run, in_tmp / "run"))
     train(compose_run([*run, "ckpt_path=last"], in_tmp / "run"))
     assert epochs_logged(in_tmp / "run" / "csv" / "metrics.csv") == [0, 1, 2]
