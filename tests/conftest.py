@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,21 @@ def options(group: str) -> list[str]:
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 TRAIN and 2 TEST images per class in the Kaggle layout."""
     return generate_dataset(tmp_path_factory.mktemp("data") / "tiny", 6, 2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def kaggle_root(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_root as Kaggle's download unpacks it: `dataset2-master/dataset2-master/images/` holds
+    TRAIN, TEST and TEST_SIMPLE (one image of each TEST class), under `blood-cells/`."""
+    root = tmp_path_factory.mktemp("kaggle") / "blood-cells"
+    images = root / "dataset2-master" / "dataset2-master" / "images"
+    for split in ("TRAIN", "TEST"):
+        shutil.copytree(tiny_root / split, images / split)
+    for folder in (images / "TEST").iterdir():
+        (images / "TEST_SIMPLE" / folder.name).mkdir(parents=True)
+        first = sorted(folder.iterdir())[0]
+        shutil.copy(first, images / "TEST_SIMPLE" / folder.name / first.name)
+    return root
 
 
 @pytest.fixture(scope="session")

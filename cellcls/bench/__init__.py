@@ -24,7 +24,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from cellcls import CONFIG_DIR
-from cellcls.bench.keras import keras_train
+from cellcls.bench.peer import keras_train
 from cellcls.core.errors import CellclsError, exit_on_user_error
 from cellcls.core.hardware import reuse_freed_memory, synchronize, uses_cuda
 from cellcls.data.datamodule import ImageFolderDataModule
@@ -95,18 +95,23 @@ def plain_torch_train(
     indices: list[int],
     batch_size: int,
     device: torch.device,
+    statistics: dict[str, Any],
     path: str = HOST,
 ) -> float:
     """A minimal hand-written fp32 training loop over the cached tensors. With `path` DEVICE the
     images and labels are copied onto `device` once and every batch is indexed there, as the
-    datamodule's device store does; with HOST every batch is indexed on the host and copied."""
+    datamodule's device store does; with HOST every batch is indexed on the host and copied.
+    `statistics` is the datamodule's normalisation (`ImageFolderDataModule.statistics`)."""
     images, labels = full.images[full.rows[indices]].contiguous(), full.targets[indices]
     if path == DEVICE:
         images, labels = images.to(device), labels.to(device)
     net = instantiate(cfg.model.net).to(device)
     optimizer = instantiate(cfg.model.optimizer)(params=net.parameters())
-    mean = torch.tensor(cfg.model.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.model.std, device=device).view(1, -1, 1, 1)
+    # What CellClassifier normalises with: a pretrained net's own statistics, else the
+    # datamodule's (measured for `data.mean=auto`), never the config's raw value.
+    stats = getattr(net, "normalization", None) or statistics
+    mean = torch.tensor(stats["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(stats["std"], device=device).view(1, -1, 1, 1)
     bs = batch_size
 
     def batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -194,7 +199,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     log.info("plain PyTorch loop, fp32, data path: %s ...", paths["plain_torch_train"])
     batch_size = dm.hparams.batch_size
     r["plain_torch_train_img_s"] = plain_torch_train(
-        cfg, full, indices, batch_size, device, paths["plain_torch_train"]
+        cfg, full, indices, batch_size, device, dm.statistics, paths["plain_torch_train"]
     )
     log.info("Lightning with cellcls's defaults ...")
     r["lightning_train_img_s"], paths["lightning_train"] = lightning_train(cfg, dm)
