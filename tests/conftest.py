@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,31 @@ def compose_run(overrides: list[str], out_dir: Path, config_name: str = "train")
         cfg.hydra.job.num = 0
     HydraConfig().set_config(cfg)
     return cfg
+
+
+def write_png_bomb(path: Path, side: int = 16000) -> Path:
+    """A black `side` x `side` RGB PNG: 3 MB on disk, 768 MB decoded at 16000. Written a row at a
+    time, so the test never holds the image."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    packer, row = zlib.compressobj(1), b"\0" * (1 + 3 * side)  # filter byte + RGB samples
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+# Run as `python -c PEAK_RSS <module> <args>`: the module as `python -m` runs it, then (however
+# it ends) its peak resident memory on stderr as `peak_rss_kb=N`.
+PEAK_RSS = """
+import atexit, resource, runpy, sys
+atexit.register(lambda: print(f"peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}",
+                              file=sys.stderr))
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,10 +17,12 @@ import torch
 from PIL import Image
 
 from cellcls.core.errors import CellclsError
-from cellcls.data.decode import DecodeImage
+from cellcls.core.images import ImageRefused
+from cellcls.data.decode import DecodeImage, check_image, decode, decode_all
+from cellcls.data.matching import features
 from cellcls.data.store import load_images
 from cellcls.train import train
-from tests.conftest import FAST, compose_run, make_dm
+from tests.conftest import FAST, PEAK_RSS, compose_run, make_dm, write_png_bomb
 
 # File name -> the words its reason must contain.
 BAD = {
@@ -122,19 +127,79 @@ def test_bad_file_in_cache_is_remembered_not_left_half_written(messy: Path, tmp_
     assert bad_again == bad and npy.stat().st_mtime_ns == built and torch.equal(again, images)
 
 
-def test_skipping_reuses_the_store_the_failed_run_built(messy: Path, tmp_path: Path) -> None:
+def test_a_bad_header_stops_the_run_before_any_store_or_group_is_written(
+    messy: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    with pytest.raises(CellclsError) as err:
+        make_dm(messy, cache="disk", cache_dir=store).prepare_data()
+    assert "empty.jpeg: empty file" in str(err.value) and "text.jpeg: not an image" in str(
+        err.value
+    )
+    assert not store.exists() or not list(store.iterdir())
+
+
+def test_skipping_reuses_the_store_a_truncated_file_stopped(messy: Path, tmp_path: Path) -> None:
+    """Only decoding finds a truncated file: the store is written, the run stops before grouping,
+    and data.skip_bad_images=true reuses that store."""
+    for name in ("empty.jpeg", "text.jpeg"):
+        (messy / "TRAIN" / "MONOCYTE" / name).unlink()
     store = tmp_path / "store"
     failed = make_dm(messy, cache="disk", cache_dir=store)
-    failed.prepare_data()  # writes the store; setup reads it and stops on the bad files
-    with pytest.raises(CellclsError):
-        failed.setup("fit")
+    with pytest.raises(CellclsError, match="truncated.jpeg"):
+        failed.prepare_data()
     (npy,) = store.glob("TRAIN-*.npy")
+    assert not list(store.glob("groups-*"))
     built = npy.stat().st_mtime_ns
     skipping = make_dm(messy, cache="disk", cache_dir=store, skip_bad_images=True)
     skipping.prepare_data()
     skipping.setup("fit")
     assert list(store.glob("TRAIN-*.npy")) == [npy] and npy.stat().st_mtime_ns == built
-    assert not list(store.glob("*.tmp*"))
+    assert list(store.glob("groups-*")) and not list(store.glob("*.tmp*"))
+    assert {Path(p).name for p in skipping.skipped} == {"truncated.jpeg"}
+
+
+def test_every_reader_refuses_a_bomb_through_the_one_opener(tmp_path: Path) -> None:
+    bomb = write_png_bomb(tmp_path / "bomb.png")
+    why = "256 megapixels, over the limit of 89.5"
+    assert why in check_image(bomb) and why in check_image(bomb, decode=False)
+    for read in (lambda: decode(bomb, 32), lambda: features(bomb)):  # store, groups, predict
+        with pytest.raises(ImageRefused, match=why):
+            read()
+    out = np.full((1, 8, 8, 3), 7, np.uint8)
+    bad, _ = decode_all([str(bomb)], 8, out, progress=False)
+    assert why in bad[str(bomb)] and not out.any()  # predict's ImageFiles: a zero row, listed
+
+
+@pytest.mark.slow
+def test_a_decompression_bomb_is_refused_by_name_before_it_is_decoded(
+    kaggle_root: Path, tmp_path: Path
+) -> None:
+    """A 16000x16000 PNG (768 MB decoded) in TRAIN: one line naming it, before any store or
+    group file, and the process never holds the image (it peaked at 5.8 GB when grouping read
+    it; a train run that stops early peaks near 0.7 GB)."""
+    root = tmp_path / "blood-cells"
+    shutil.copytree(kaggle_root, root)
+    train_dir = next(root.rglob("TRAIN"))
+    write_png_bomb(train_dir / "NEUTROPHIL" / "bomb.png")
+    cache = tmp_path / "cache"
+    args = [a for a in FAST if not a.startswith("data=")] + [f"data.root={root}"]
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, "cellcls.train", *args],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CELLCLS_")}
+        | {"CELLCLS_CACHE": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = [ln for ln in result.stderr.splitlines() if "bomb.png" in ln]
+    assert "256 megapixels, over the limit of 89.5" in line and "not decoded" in line
+    assert not list(cache.rglob("*.npy")) and not list(cache.rglob("groups-*"))
+    peak_kb = int(result.stderr.rsplit("peak_rss_kb=", 1)[1].split()[0])
+    print(f"peak RSS {peak_kb / 2**20:.2f} GB")
+    assert peak_kb < 1.5 * 2**20, f"peak RSS {peak_kb / 2**20:.2f} GB"
 
 
 def test_class_left_without_images_is_an_error(tiny_root: Path, tmp_path: Path) -> None:

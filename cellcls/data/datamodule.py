@@ -150,11 +150,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         if hp.download:
             ensure_dataset(self.root, [hp.train_split])
         splits = self._splits(self.trainer.state.fn if self.trainer is not None else None)
-        if hp.cache == "disk":
-            for split in splits:
-                paths = self.image_paths(split)
+        for split in splits:  # headers first: a bad file stops the run before anything is written
+            paths = self.image_paths(split)
+            scan = check_images(paths, desc=f"checking {self._name(split)}", decode=False)
+            self._refuse(self.folder(split), scan)
+            if hp.cache == "disk":  # decoding finds the rest (a truncated file), before grouping
                 name = self._name(split)
-                load_images(paths, hp.image_size, hp.cache_dir, name=name, crop=hp.crop)
+                bad = load_images(paths, hp.image_size, hp.cache_dir, name=name, crop=hp.crop)[1]
+                self._refuse(self.folder(split), bad)
         held_out = hp.val_fraction > 0 or hp.folds or hp.train_split is None
         grouped = hp.val_split == "grouped" and held_out and hp.cache_dir
         if grouped and hp.train_split in splits:
@@ -362,16 +365,20 @@ class ImageFolderDataModule(L.LightningDataModule):
             return files
         return CachedImages(images, samples, files.classes, rows)
 
+    def _refuse(self, folder: Path, bad: dict[str, str]) -> None:
+        """Stop on unreadable images, listed, unless data.skip_bad_images."""
+        if bad and not self.hparams.skip_bad_images:
+            raise CellclsError(
+                f"{len(bad)} image file(s) in '{folder}' cannot be read:\n{list_unreadable(bad)}"
+                "\nFix or remove them, or pass data.skip_bad_images=true to train without them."
+            )
+
     def _skip(self, folder: Path, bad: dict[str, str]) -> None:
         """Stop on unreadable images, or (data.skip_bad_images) record them in the run folder."""
         if not bad:
             return
+        self._refuse(folder, bad)
         listing = list_unreadable(bad)
-        if not self.hparams.skip_bad_images:
-            raise CellclsError(
-                f"{len(bad)} image file(s) in '{folder}' cannot be read:\n{listing}\n"
-                "Fix or remove them, or pass data.skip_bad_images=true to train without them."
-            )
         self.skipped |= bad
         log.warning("Skipping %d unreadable image file(s) in '%s':\n%s", len(bad), folder, listing)
         if self.trainer is not None and self.trainer.is_global_zero:

@@ -7,6 +7,7 @@ does it once per image instead of once per epoch.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 from collections import Counter
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cellcls.core.images import ImageRefused, open_image
 from cellcls.data.crop import find_cell, square_box
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ def decode(path: str | Path, size: int, crop: float | None = None) -> np.ndarray
 
 def decode_cell(path: str | Path, size: int, crop: float | None = None) -> tuple[np.ndarray, bool]:
     """`decode`, and whether the white cell was found (False: a centre crop was taken)."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im = to_rgb8(im)
         found = True
         if crop is not None:
@@ -72,7 +74,7 @@ def to_rgb8(im: Image.Image) -> Image.Image:
 def source_mode(path: str | Path) -> str | None:
     """An image file's mode, from its header only (None: unreadable)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.mode
     except Exception:  # reported by the decode that follows
         return None
@@ -80,31 +82,37 @@ def source_mode(path: str | Path) -> str | None:
 
 def unreadable(path: str | Path, err: Exception) -> str:
     """Why an image file could not be decoded, in words (the path is said elsewhere)."""
-    if os.path.getsize(path) == 0:
-        return "empty file (0 bytes)"
-    if isinstance(err, UnidentifiedImageError):
-        return "not an image (no known image format)"
+    if isinstance(err, ImageRefused):
+        return str(err)
     return f"{type(err).__name__}: {str(err).replace(str(path), '').strip()[:200]}"
 
 
-def check_image(path: str | Path) -> str | None:
+def check_image(path: str | Path, decode: bool = True) -> str | None:
     """Why `path` cannot be decoded, or None if it can; cheaper than `decode`.
 
-    The whole file is read (a truncated file fails), but JPEGs are decoded at 1/8 scale.
+    With `decode`, the whole file is read (a truncated file fails), but JPEGs are decoded at 1/8
+    scale; without, only the header (`open_image`'s refusals: empty, not an image, oversized).
     """
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
+        with open_image(path) as im:
+            if decode:
+                im.draft("RGB", (64, 64))
+                im.load()
     except Exception as err:  # PIL raises many types for broken files
         return unreadable(path, err)
     return None
 
 
-def check_images(paths: Sequence[str], desc: str = "checking") -> dict[str, str]:
-    """The files among `paths` that cannot be decoded, with the reason; on all cores."""
+def check_images(
+    paths: Sequence[str], desc: str = "checking", decode: bool = True
+) -> dict[str, str]:
+    """The files among `paths` that cannot be decoded (`check_image`), with the reason; on all
+    cores. Without `decode`, headers only: a second for 10,000 images, before any stage that
+    decodes them all."""
+    check = functools.partial(check_image, decode=decode)
     with ThreadPoolExecutor(cpu_count()) as pool:
-        reasons = list(tqdm(pool.map(check_image, paths), total=len(paths), desc=desc, unit="img"))
+        jobs = pool.map(check, paths)
+        reasons = list(tqdm(jobs, total=len(paths), desc=desc, unit="img", disable=not decode))
     return {p: why for p, why in zip(paths, reasons, strict=True) if why}
 
 

@@ -28,13 +28,14 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellcls.data.decode import cpu_count
+from cellcls.core.images import open_image
+from cellcls.data.decode import cpu_count, to_rgb8
 from cellcls.data.store import cache_key
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever the method or its settings change, so cached groups are recomputed.
-VERSION = "v1"
+VERSION = "v2"  # v2: images read as training reads them (PIL, any mode to 8-bit RGB)
 KEYPOINTS = 300  # ORB keypoints per image (and as many on its mirror image)
 SPREAD_SHARE = 1.0  # share of the keypoints spread evenly over a 4x4 grid, the rest strongest
 FAST_THRESHOLD = 5  # low: the smooth, blurred fields give few corners at ORB's default 20
@@ -90,9 +91,8 @@ class Features:
 
 def features(path: str | Path) -> Features:
     """Histogram and keypoints of one image file, ignoring the black fill of augmentations."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot read image '{path}'")
+    with open_image(path) as im:  # refused undecoded when oversized (not cv2.imread)
+        image = cv2.cvtColor(np.asarray(to_rgb8(im)), cv2.COLOR_RGB2BGR)
     valid = (image.max(axis=2) > DARK).astype(np.uint8)
     hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
     hist = cv2.calcHist([hsv], [0, 1], valid, [16, 16], [0, 180, 0, 256]).ravel()

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
 from torch import Tensor
+
+from cellcls.core.images import open_image
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> None:
@@ -70,7 +71,7 @@ def plot_errors(
         ax.axis("off")
     for k, i in enumerate(wrong):
         ax = fig.add_subplot(rows, cols, k + 1)
-        with Image.open(paths[i]) as im:
+        with open_image(paths[i]) as im:
             ax.imshow(im.convert("RGB"))
         ax.set_title(
             f"true {classes[labels[i]]}\npred {classes[preds[i]]} ({probs[i, preds[i]]:.2f})",
@@ -159,7 +160,7 @@ def plot_groups(
         picked = rng.choice(members, min(per_row, len(members)), replace=False)
         for k, i in enumerate(sorted(picked)):
             ax = fig.add_subplot(max(len(shown), 1), per_row, r * per_row + k + 1)
-            with Image.open(paths[i]) as im:
+            with open_image(paths[i]) as im:
                 ax.imshow(im.convert("RGB"))
             ax.set_xticks([])
             ax.set_yticks([])
