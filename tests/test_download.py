@@ -99,9 +99,8 @@ def test_download_on_colab_links_the_cached_copy(colab: Path, tmp_path: Path, ca
 
 def test_no_download_unless_asked(kaggle, tmp_path: Path) -> None:
     dm = make_dm(tmp_path / "nowhere")
-    dm.prepare_data()
     with pytest.raises(CellclsError, match="Pass data.download=true to download"):
-        dm.setup("fit")
+        dm.prepare_data()  # refused before any file is checked or written
     assert kaggle == []
 
 
