@@ -23,13 +23,20 @@ def _class_folders(root: str, train_split: str | None) -> list[str]:
     return class_folders(root, train_split)
 
 
+def _groups_help() -> str:
+    from cellcls.run.cli import groups_help  # reads conf/: only for --help
+
+    return groups_help()
+
+
 def register_resolvers() -> None:
     """The resolvers cellcls's configs use.
 
     `${len:${data.classes}}` derives numbers from lists instead of repeating them;
     `${auto_precision:${trainer.accelerator}}` picks bf16/16-mixed or 32-true; `${not:...}`
     negates a setting (cuDNN's benchmark is off when determinism is asked for);
-    `${class_folders:${.root},${.train_split}}` lists a dataset's classes. Importing cellcls
+    `${class_folders:${.root},${.train_split}}` lists a dataset's classes; `${cellcls_groups:}`
+    the options of every config group, for `--help`. Importing cellcls
     registers them, and so does Hydra itself when it starts: it imports every module under
     `hydra_plugins/`, cellcls's `hydra_plugins/cellcls_resolvers.py` included. So configs composed
     with Hydra's Compose API resolve without importing cellcls first.
@@ -38,6 +45,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("auto_precision", _auto_precision, replace=True)
     OmegaConf.register_new_resolver("not", lambda value: not value, replace=True)
     OmegaConf.register_new_resolver("class_folders", _class_folders, replace=True)
+    OmegaConf.register_new_resolver("cellcls_groups", _groups_help, replace=True)
 
 
 register_resolvers()

@@ -15,14 +15,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from cellcls import CONFIG_DIR
-from cellcls.core.errors import CellclsError, exit_on_user_error, require_given
+from cellcls.core.errors import CellclsError, require_given
 from cellcls.reports.intervals import paired_bootstrap
-from cellcls.run.config_tree import print_config_tree
+from cellcls.run.cli import entry
 
 log = logging.getLogger(__name__)
 FILES = ("predictions.csv", "oof_predictions.csv")  # a run folder's, in this order
@@ -118,10 +116,8 @@ def describe(result: dict[str, Any]) -> str:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
-@exit_on_user_error
+@entry("compare")
 def main(cfg: DictConfig) -> None:
-    print_config_tree(cfg, cfg.paths.output_dir)
     require_given(cfg, ["a", "b"], USAGE)
     result = compare(cfg.a, cfg.b, seed=cfg.seed)
     out = Path(cfg.paths.output_dir)

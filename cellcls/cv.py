@@ -6,8 +6,8 @@ fold models then score the official TEST together (the mean of their probabiliti
 one. The folds run one after another; a fold that finished is kept, so an interrupted CV resumes
 where it stopped (an unfinished fold resumes from its `last.ckpt`).
 
-As parallel jobs, a multirun sweeps `cv.fold` under any Hydra launcher
-(`python -m cellcls.cv -m cv.fold='range(5)' hydra/launcher=slurm`): each job trains one fold into
+As parallel jobs, a multirun sweeps `data.fold` under any Hydra launcher
+(`python -m cellcls.cv -m data.fold='range(5)' hydra/launcher=slurm`): each job trains one fold into
 the sweep folder, and `PoolFolds`, a Hydra callback, pools them once, after the last job.
 """
 
@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
@@ -31,14 +30,13 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from cellcls import CONFIG_DIR
-from cellcls.core.errors import CellclsError, exit_on_user_error, is_whole, require
+from cellcls.core.errors import CellclsError, is_whole, require
 from cellcls.data.splits import HOLDOUT
 from cellcls.reports.metrics import grouped_metrics, interval, reliability_bins
 from cellcls.reports.plots import plot_confusion, plot_reliability
 from cellcls.run.callbacks import TestReport
 from cellcls.run.checkpoint import restore
-from cellcls.run.config_tree import print_config_tree
+from cellcls.run.cli import entry
 from cellcls.train import train
 
 log = logging.getLogger(__name__)
@@ -50,7 +48,7 @@ def fold_config(cfg: DictConfig, fold: int, out: Path) -> DictConfig:
     test (the fold models score TEST together at the end)."""
     fold_cfg = copy.deepcopy(cfg)
     with open_dict(fold_cfg):
-        fold_cfg.data.folds, fold_cfg.data.fold = cfg.cv.folds, fold
+        fold_cfg.data.fold = fold
         fold_cfg.paths.output_dir = str(out)
         fold_cfg.test, fold_cfg.optimized_metric = False, None
         last = out / "checkpoints" / "last.ckpt"
@@ -94,9 +92,9 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict[str, Any]:
     fold_dir = out / f"fold_{fold}"
     done = fold_dir / DONE
     if done.is_file():
-        log.info("Fold %d of %d is done (%s): kept.", fold, cfg.cv.folds, done)
+        log.info("Fold %d of %d is done (%s): kept.", fold, cfg.data.folds, done)
         return json.loads(done.read_text())
-    log.info("Fold %d of %d: training in %s", fold, cfg.cv.folds, fold_dir)
+    log.info("Fold %d of %d: training in %s", fold, cfg.data.folds, fold_dir)
     fold_cfg = fold_config(cfg, fold, fold_dir)
     train(fold_cfg, resume=resume_command(out))
     ckpt = best_checkpoint(fold_dir)
@@ -147,19 +145,24 @@ def write_oof(out: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str])
 
 def check_cv(cfg: DictConfig) -> None:
     """Refuse, in one line, settings that cannot make a CV."""
-    require(is_whole(cfg.cv.folds, 2), "cv.folds", cfg.cv.folds, "an integer >= 2")
-    fold = cfg.cv.get("fold")
-    whole = fold is None or (is_whole(fold, 0) and fold < cfg.cv.folds)
-    require(whole, "cv.fold", fold, "null (every fold) or an integer from 0 to cv.folds - 1")
+    require(is_whole(cfg.data.folds, 2), "data.folds", cfg.data.folds, "an integer >= 2")
+    fold = cfg.data.get("fold")
+    whole = fold is None or (is_whole(fold, 0) and fold < cfg.data.folds)
+    require(whole, "data.fold", fold, "null (every fold) or an integer from 0 to data.folds - 1")
+    if cfg.get("ckpt_path") is not None:  # each fold resumes from its own last.ckpt
+        raise CellclsError(
+            f"ckpt_path={cfg.ckpt_path} is cellcls.train's: cellcls.cv resumes its folds itself. "
+            "Run the same cellcls.cv command again (with hydra.run.dir=<the CV's folder>)."
+        )
     split = cfg.data.split != HOLDOUT or not cfg.get("test")
     require(split, "data.split", cfg.data.split, "a test folder such as TEST (or test=false)")
 
 
 def cv_dir(cfg: DictConfig) -> Path:
-    """Where the folds live: the run's folder; for one fold of a multirun (`-m cv.fold=...`),
+    """Where the folds live: the run's folder; for one fold of a multirun (`-m data.fold=...`),
     the sweep's folder, which its jobs share."""
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    if cfg.cv.get("fold") is not None and hydra_cfg and hydra_cfg.mode == RunMode.MULTIRUN:
+    if cfg.data.get("fold") is not None and hydra_cfg and hydra_cfg.mode == RunMode.MULTIRUN:
         return Path(hydra_cfg.sweep.dir)
     return Path(cfg.paths.output_dir)
 
@@ -171,16 +174,16 @@ def cross_validate(cfg: DictConfig, train_missing: bool = True) -> dict[str, Any
     check_cv(cfg)
     out = Path(cfg.paths.output_dir)
     classes = list(cfg.data.classes)
-    missing = [i for i in range(cfg.cv.folds) if not (out / f"fold_{i}" / DONE).is_file()]
+    missing = [i for i in range(cfg.data.folds) if not (out / f"fold_{i}" / DONE).is_file()]
     if missing and not train_missing:
         raise CellclsError(
-            f"cv: fold(s) {missing} of {cfg.cv.folds} in {out} did not finish; run them again "
-            f"(-m cv.fold={','.join(map(str, missing))}) or drop -m to train them here"
+            f"cv: fold(s) {missing} of {cfg.data.folds} in {out} did not finish; run them again "
+            f"(-m data.fold={','.join(map(str, missing))}) or drop -m to train them here"
         )
-    records = [run_fold(cfg, fold, out) for fold in range(cfg.cv.folds)]
-    oof = write_oof(out, pool_oof(out, cfg.cv.folds, classes), classes)
+    records = [run_fold(cfg, fold, out) for fold in range(cfg.data.folds)]
+    oof = write_oof(out, pool_oof(out, cfg.data.folds, classes), classes)
     result: dict[str, Any] = {
-        "folds": cfg.cv.folds,
+        "folds": cfg.data.folds,
         "n_images": oof["n_images"],
         "n_groups": oof["n_groups"],
         "oof_accuracy": oof["accuracy"],
@@ -226,7 +229,7 @@ def cv_table(r: dict[str, Any]) -> str:
 
 
 class PoolFolds(Callback):
-    """Hydra callback: after a multirun of folds (`-m cv.fold=...`), pool them once, in the
+    """Hydra callback: after a multirun of folds (`-m data.fold=...`), pool them once, in the
     launching process, as the sequential CV does; a multirun of whole CVs has nothing to pool."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -243,15 +246,13 @@ class PoolFolds(Callback):
             log.error("%s", err)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="cv")
-@exit_on_user_error
+@entry("cv", check=lambda cfg: check_cv(cfg))
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the pooled out-of-fold accuracy (with `cv.fold`: that
+    """Hydra entry point; returns the pooled out-of-fold accuracy (with `data.fold`: that
     fold's held-out accuracy), for sweepers."""
-    print_config_tree(cfg, cfg.paths.output_dir)
     check_cv(cfg)
-    if cfg.cv.get("fold") is not None:
-        return run_fold(cfg, cfg.cv.fold, cv_dir(cfg))["val_accuracy"]
+    if cfg.data.get("fold") is not None:
+        return run_fold(cfg, cfg.data.fold, cv_dir(cfg))["val_accuracy"]
     return cross_validate(cfg)["oof_accuracy"]
 
 

@@ -6,25 +6,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cellcls import CONFIG_DIR
-from cellcls.core.errors import exit_on_user_error, require, require_given
+from cellcls.core.errors import require, require_given
 from cellcls.run.checkpoint import restore
-from cellcls.run.config_tree import print_config_tree
+from cellcls.run.cli import entry
 
 log = logging.getLogger(__name__)
+
+
+def check(cfg: DictConfig) -> None:
+    require_given(cfg, ["ckpt_path"], "python -m cellcls.eval ckpt_path=PATH")
+    require(isinstance(cfg.tta, bool), "tta", cfg.tta, "true or false")
 
 
 def evaluate(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, float]:
     """Rebuild the checkpoint's model and data (a list of checkpoints: their ensemble), test it,
     and return the test metrics."""
-    require_given(cfg, ["ckpt_path"], "python -m cellcls.eval ckpt_path=PATH")
-    require(isinstance(cfg.tta, bool), "tta", cfg.tta, "true or false")
+    check(cfg)
     L.seed_everything(cfg.seed, workers=True)
     restored = restore(cfg.ckpt_path, cfg, overrides, ensemble=True)
     restored.model.tta = cfg.tta
@@ -35,10 +37,8 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-@exit_on_user_error
+@entry("eval", check)
 def main(cfg: DictConfig) -> None:
-    print_config_tree(cfg, cfg.paths.output_dir)
     evaluate(cfg, HydraConfig.get().overrides.task)
 
 

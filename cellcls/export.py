@@ -9,16 +9,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from cellcls import CONFIG_DIR
-from cellcls.core.errors import CellclsError, exit_on_user_error, require_given
+from cellcls.core.errors import CellclsError, require_given
 from cellcls.run.checkpoint import restore
-from cellcls.run.config_tree import print_config_tree
+from cellcls.run.cli import entry
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
@@ -46,10 +44,8 @@ def load_exported(folder: str | Path) -> L.LightningModule:
     return model
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-@exit_on_user_error
+@entry("export")
 def main(cfg: DictConfig) -> None:
-    print_config_tree(cfg, cfg.paths.output_dir)
     require_given(cfg, ["ckpt_path"], "python -m cellcls.export ckpt_path=PATH")
     out = export(cfg.ckpt_path, Path(cfg.paths.output_dir))
     log.info("Exported %s and %s to %s", WEIGHTS, CONFIG, out)

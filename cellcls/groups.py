@@ -15,19 +15,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cellcls import CONFIG_DIR
-from cellcls.core.errors import exit_on_user_error
 from cellcls.data.datamodule import ImageFolderDataModule
 from cellcls.data.matching import write_groups_csv
 from cellcls.data.splits import grouped_split, random_indices, shared_groups
 from cellcls.reports.plots import plot_groups
-from cellcls.run.config_tree import print_config_tree
+from cellcls.run.cli import entry
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +144,9 @@ def report(cfg: DictConfig, out: Path) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="groups")
-@exit_on_user_error
+@entry("groups")
 def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
-    print_config_tree(cfg, out)
     report(cfg, out)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import lightning as L
 import numpy as np
 import torch
@@ -22,14 +21,13 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from cellcls import CONFIG_DIR
-from cellcls.core.errors import CellclsError, exit_on_user_error, is_whole, require, require_given
+from cellcls.core.errors import CellclsError, is_whole, require, require_given
 from cellcls.data.datasets import ImageFiles, batch_as_is
 from cellcls.data.decode import list_unreadable, write_unreadable
 from cellcls.reports.gradcam import write_gradcam
 from cellcls.reports.metrics import write_predictions
 from cellcls.run.checkpoint import restore
-from cellcls.run.config_tree import print_config_tree
+from cellcls.run.cli import entry
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +50,8 @@ def find_images(inputs: str | Path) -> list[str]:
     return images
 
 
-def predict(cfg: DictConfig, out: Path) -> None:
-    """predictions.csv for every readable image in `cfg.inputs`, unreadable.csv for the rest."""
+def check(cfg: DictConfig) -> None:
+    """The settings `predict` needs, refused before any work."""
     require_given(cfg, ["ckpt_path", "inputs"], "python -m cellcls.predict ckpt_path=… inputs=…")
     require(is_whole(cfg.batch_size, 1), "batch_size", cfg.batch_size, "an integer >= 1")
     require(isinstance(cfg.tta, bool), "tta", cfg.tta, "true or false")
@@ -61,6 +59,12 @@ def predict(cfg: DictConfig, out: Path) -> None:
     require(isinstance(report.gradcam, bool), "report.gradcam", report.gradcam, "true or false")
     per_class = report.gradcam_per_class
     require(is_whole(per_class, 1), "report.gradcam_per_class", per_class, "an integer >= 1")
+
+
+def predict(cfg: DictConfig, out: Path) -> None:
+    """predictions.csv for every readable image in `cfg.inputs`, unreadable.csv for the rest."""
+    check(cfg)
+    report = cfg.report
     restored = restore(cfg.ckpt_path, data=False, ensemble=True)
     model, classes = restored.model, restored.model.classes
     data = restored.config.data
@@ -83,6 +87,7 @@ def predict(cfg: DictConfig, out: Path) -> None:
         def load(picked: list[int]) -> torch.Tensor:  # decoded again: only the few shown
             return torch.stack([images[keep[i]] for i in picked])
 
+        per_class = report.gradcam_per_class
         write_gradcam(out / "gradcam.png", model, load, probs[keep], classes, None, per_class, done)
     if images.unreadable:
         write_unreadable(out / "unreadable.csv", images.unreadable)
@@ -93,10 +98,8 @@ def predict(cfg: DictConfig, out: Path) -> None:
         )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-@exit_on_user_error
+@entry("predict", check)
 def main(cfg: DictConfig) -> None:
-    print_config_tree(cfg, cfg.paths.output_dir)
     predict(cfg, Path(cfg.paths.output_dir))
 
 

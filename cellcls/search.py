@@ -15,17 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
-from cellcls import CONFIG_DIR
-from cellcls.core.errors import exit_on_user_error
 from cellcls.cv import cross_validate
-from cellcls.run.config_tree import print_config_tree
+from cellcls.run.cli import entry
 from cellcls.summary import record_job, write_summary
 from cellcls.train import train
 
@@ -77,9 +74,9 @@ def run_trial(cfg: DictConfig, trial: optuna.Trial, out_dir: Path) -> dict[str, 
 
     start, error = time.perf_counter(), ""
     try:
-        if cfg.search.cv_folds:  # the cross-validated estimate: K runs per trial, no pruning
+        if cfg.data.get("folds"):  # the cross-validated estimate: K runs per trial, no pruning
             with open_dict(run_cfg):
-                run_cfg.cv, run_cfg.test = {"folds": cfg.search.cv_folds}, False
+                run_cfg.data.fold, run_cfg.test = None, False
             value = cross_validate(run_cfg)["oof_accuracy"]
         else:
             metrics = train(run_cfg, [OptunaPruning(trial, cfg.hparams_search.monitor)])
@@ -102,6 +99,7 @@ def search(cfg: DictConfig) -> optuna.Study:
     """Run `hparams_search.n_trials` trials in all, counting those of an earlier, resumed run."""
     hs = cfg.hparams_search
     out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # optuna.db's folder
     study = optuna.create_study(
         study_name=hs.study_name,
         storage=hs.storage,
@@ -138,10 +136,8 @@ def search(cfg: DictConfig) -> optuna.Study:
     return study
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="search")
-@exit_on_user_error
+@entry("search")
 def main(cfg: DictConfig) -> None:
-    print_config_tree(cfg, cfg.paths.output_dir)
     search(cfg)
 
 

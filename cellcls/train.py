@@ -7,7 +7,6 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -15,11 +14,10 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls import CONFIG_DIR
-from cellcls.core.errors import CellclsError, exit_on_user_error, is_number, is_whole, require
+from cellcls.core.errors import CellclsError, is_number, is_whole, require
 from cellcls.core.hardware import reuse_freed_memory, uses_cuda
 from cellcls.run.checkpoint import restore
-from cellcls.run.config_tree import print_config_tree
+from cellcls.run.cli import entry
 from cellcls.run.state import RngState, SaveConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +50,8 @@ def check_settings(cfg: DictConfig) -> None:
             "use experiment=best_refit, or add callbacks.model_checkpoint.monitor=null "
             "optimized_metric=null trainer.limit_val_batches=0",
         )
+    one_fold = not cfg.data.get("folds") or cfg.data.get("fold") is not None
+    require(one_fold, "data.fold", None, "0 ... data.folds - 1 (null, every fold, is cellcls.cv's)")
     optimizer = cfg.model.get("optimizer") or {}
     for key, low in (("lr", "> 0"), ("weight_decay", ">= 0")):
         value = optimizer.get(key)
@@ -170,12 +170,15 @@ def check_ddp_launch(cfg: DictConfig) -> None:
         )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-@exit_on_user_error
+def check(cfg: DictConfig) -> None:
+    """What `main` refuses before the config tree is printed."""
+    check_settings(cfg)
+    check_ddp_launch(cfg)
+
+
+@entry("train", check)
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the optimised metric for sweepers."""
-    print_config_tree(cfg, cfg.paths.output_dir)
-    check_ddp_launch(cfg)
     metrics = train(cfg)
     name = cfg.get("optimized_metric")
     if not name:

@@ -68,19 +68,24 @@ def test_more_folds_than_groups_is_refused(cells: Path) -> None:
 
 
 def test_pooling_refuses_folds_that_did_not_finish(in_tmp: Path) -> None:
-    cfg = compose_run([*FAST, "cv.folds=3"], in_tmp / "cv", "cv")
+    """K is data.folds, the user's (cv.folds once replaced it silently); nothing else is."""
+    cfg = compose_run([*FAST, "data.folds=3"], in_tmp / "cv", "cv")
     with pytest.raises(CellclsError, match=r"fold\(s\) \[0, 1, 2\] of 3 .* did not finish"):
         cross_validate(cfg, train_missing=False)
-    with pytest.raises(CellclsError, match="cv.fold=3 is not accepted"):
-        cross_validate(compose_run([*FAST, "cv.folds=3", "cv.fold=3"], in_tmp / "cv", "cv"))
+    with pytest.raises(CellclsError, match="data.fold=3 is not accepted"):
+        cross_validate(compose_run([*FAST, "data.folds=3", "data.fold=3"], in_tmp / "cv", "cv"))
     with pytest.raises(CellclsError, match="data.split='val' is not accepted: .* a test folder"):
         cross_validate(compose_run([*FAST, "data.split=val"], in_tmp / "cv", "cv"))
+    with pytest.raises(
+        CellclsError, match="ckpt_path=x.ckpt is cellcls.train's: cellcls.cv resumes"
+    ):
+        cross_validate(compose_run([*FAST, "ckpt_path=x.ckpt"], in_tmp / "cv", "cv"))
 
 
 @pytest.mark.slow
 def test_cv_pools_out_of_fold_and_tests_the_fold_ensemble(in_tmp: Path) -> None:
     args = [*FAST, "data.n_train=8", "data.n_test=2", "data.copies=2", "data.image_size=32"]
-    args += ["trainer.max_epochs=2", "cv.folds=2"]
+    args += ["trainer.max_epochs=2", "data.folds=2"]
     out = in_tmp / "cv"
     result = cross_validate(compose_run(args, out, "cv"))
     with (out / "oof_predictions.csv").open(newline="") as f:
@@ -117,7 +122,7 @@ def test_an_interrupted_cv_names_its_own_command_and_resumes_mid_fold(
     in_tmp: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     args = [*FAST, "data.n_train=8", "data.n_test=2", "data.copies=2", "data.image_size=32"]
-    args += ["trainer.max_epochs=2", "cv.folds=2", "test=false", "data.batch_size=4"]
+    args += ["trainer.max_epochs=2", "data.folds=2", "test=false", "data.batch_size=4"]
     out = in_tmp / "cv"
     with monkeypatch.context() as patch:
         stop_in(patch, "training_step", epoch=1, batch=1)

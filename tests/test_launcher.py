@@ -32,14 +32,14 @@ def test_slurm_launcher_config() -> None:
 @pytest.mark.slow
 def test_cv_folds_as_parallel_jobs_are_pooled_once(tmp_path: Path, synthetic_cache: Path) -> None:
     args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *FAST, *TINY]
-    args += ["data.copies=2", "cv.folds=2", "cv.fold=0,1"]
+    args += ["data.copies=2", "data.folds=2", "data.fold=0,1"]
     result = run_module("cellcls.cv", args, tmp_path, synthetic_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "cv" / "multiruns").iterdir()
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # one process per fold
     with (sweep / "summary.csv").open(newline="") as f:  # the sweep's summary, as for train -m
         jobs = list(csv.DictReader(f))
-    assert sorted(r["cv.fold"] for r in jobs) == ["0", "1"]
+    assert sorted(r["data.fold"] for r in jobs) == ["0", "1"]
     assert {r["status"] for r in jobs} == {"completed"}
     for fold in (0, 1):
         assert (sweep / f"fold_{fold}" / "fold.json").is_file()

@@ -87,9 +87,9 @@ def test_search_runs_and_resumes(in_tmp: Path, caplog: pytest.LogCaptureFixture)
 
 @pytest.mark.slow
 def test_search_on_cross_validation(in_tmp: Path) -> None:
-    """search.cv_folds=K: a trial's value is its pooled out-of-fold accuracy."""
+    """data.folds=K: a trial's value is its pooled out-of-fold accuracy."""
     out = in_tmp / "outputs" / "search"
-    run_search(out, "hparams_search.n_trials=1", "search.cv_folds=2")
+    run_search(out, "hparams_search.n_trials=1", "data.folds=2")
     cv = json.loads((out / "0" / "cv_metrics.json").read_text())
     assert cv["folds"] == 2 and (out / "0" / "fold_1" / "fold.json").is_file()
     study = optuna.load_study(study_name="smallcnn", storage=f"sqlite:///{out / 'optuna.db'}")

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -23,16 +22,15 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from cellcls import CONFIG_DIR
 from cellcls.bench.peer import keras_train
-from cellcls.core.errors import CellclsError, exit_on_user_error
+from cellcls.core.errors import CellclsError
 from cellcls.core.hardware import reuse_freed_memory, synchronize, uses_cuda
 from cellcls.data.datamodule import ImageFolderDataModule
 from cellcls.data.datasets import CachedImages
 from cellcls.data.decode import cpu_count
 from cellcls.data.device import DeviceBatches
 from cellcls.run.callbacks import EpochSpeed
-from cellcls.run.config_tree import print_config_tree
+from cellcls.run.cli import entry
 
 log = logging.getLogger(__name__)
 
@@ -283,10 +281,8 @@ def format_results(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
-@exit_on_user_error
+@entry("bench")
 def main(cfg: DictConfig) -> None:
-    print_config_tree(cfg, cfg.paths.output_dir)
     results = bench(cfg)
     print(format_results(results))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}))

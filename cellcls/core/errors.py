@@ -22,27 +22,60 @@ class CellclsError(Exception):
 
 
 def exit_on_user_error(fn: F) -> F:
-    """Turn a `CellclsError` raised by an entry point into a clean exit with its message."""
+    """Turn a user error raised by an entry point (`user_error`) into a clean exit with its
+    message, printed once (and written to the run's log file)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            # Hydra's instantiate wraps what a constructor raises: look for ours in the chain.
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, CellclsError):
-                cause = unknown_key(cause) or cause.__cause__
+            cause = user_error(err)
             if cause is None:
                 raise
-            log.error("%s", cause)
+            to_log_files(f"error: {cause}")
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 # Hydra then marks this job failed and runs the others (see cellcls.summary).
+                log.error("%s", cause)
                 raise cause from None
             # SystemExit is not an Exception, so Hydra does not wrap it in a traceback.
             raise SystemExit(f"error: {cause}") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def user_error(err: BaseException) -> CellclsError | None:
+    """The user's mistake behind `err`, or None for a bug. Hydra's instantiate and OmegaConf's
+    resolvers wrap what a constructor or resolver raises, so the whole chain is searched; a
+    keyword the constructor does not take (`unknown_key`) and Lightning's refusal of a trainer
+    setting are user errors too."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, CellclsError):
+            return cause
+        known = unknown_key(cause) or misconfigured(cause)
+        if known is not None:
+            return known
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def misconfigured(err: BaseException) -> CellclsError | None:
+    """Lightning's MisconfigurationException (`trainer.accelerator=gpu` without one, ...)."""
+    if type(err).__name__ != "MisconfigurationException":
+        return None
+    return CellclsError(f"the trainer settings do not work here: {str(err).splitlines()[0]}")
+
+
+def to_log_files(message: str) -> None:
+    """`message` into the log files only (Hydra's run log): the console gets it once, from the
+    exit."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def unknown_key(err: BaseException) -> CellclsError | None:

@@ -67,8 +67,8 @@ SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
     ),
     (
         "fold",
-        lambda h: h.folds is None or (is_whole(h.fold, 0) and h.fold < h.folds),
-        "an integer from 0 to data.folds - 1",
+        lambda h: h.folds is None or h.fold is None or (is_whole(h.fold, 0) and h.fold < h.folds),
+        "an integer from 0 to data.folds - 1 (null: every fold, with python -m cellcls.cv)",
     ),
     (
         "folds",
