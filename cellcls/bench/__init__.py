@@ -282,10 +282,11 @@ def format_results(r: dict[str, Any]) -> str:
 
 
 @entry("bench")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict[str, Any]:
     results = bench(cfg)
     print(format_results(results))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}))
+    return results
 
 
 if __name__ == "__main__":

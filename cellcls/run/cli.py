@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from cellcls import CONFIG_DIR
 from cellcls.core.errors import CellclsError, exit_on_user_error, user_error
 from cellcls.run.config_tree import print_config_tree
+from cellcls.run.record import write_record
 
 # Settings that moved: the old name is refused with the new one.
 RENAMED = {"cv.folds": "data.folds", "cv.fold": "data.fold", "search.cv_folds": "data.folds"}
@@ -193,7 +195,8 @@ def entry(
     config_name: str, check: Callable[[DictConfig], None] | None = None
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[..., Any]]:
     """`@hydra.main(config_name=...)` and `exit_on_user_error`, with `preflight` first; in the
-    job, `check(cfg)` and the data's layout (`check_layout`) before the config tree is printed.
+    job, `check(cfg)` and the data's layout (`check_layout`) before the config tree is printed,
+    and the run's record (`cellcls.run.record`, run.json) once it has finished.
     `main.__wrapped__(cfg)` runs the app alone on a composed config (tests/conftest.compose_run).
     """
 
@@ -202,8 +205,12 @@ def entry(
             if check is not None:
                 check(cfg)
             check_data(cfg)
-            print_config_tree(cfg, HydraConfig.get().runtime.output_dir)
-            return fn(cfg)
+            out = HydraConfig.get().runtime.output_dir
+            print_config_tree(cfg, out)
+            started = time.perf_counter()
+            returned = fn(cfg)
+            write_record(out, config_name, started, returned)
+            return returned
 
         app = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(
             exit_on_user_error(functools.wraps(fn)(job))

@@ -1,5 +1,5 @@
 """`run.json`: what a figure needs beside it, written into the run folder of every entry point
-that measures (train, eval, cv, bench, compare).
+(`cellcls.run.cli.entry`), once it has finished.
 
 The command that reproduces the run, the machine it ran on, the date, the git commit, the wall
 time and the run's own figures (`result`). A figure quoted in the docs is read from one such
@@ -15,7 +15,6 @@ import platform
 import shlex
 import subprocess
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +76,28 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
+# The report files whose figures a record carries (train/eval, cv, compare).
+REPORTS = ("metrics.json", "cv_metrics.json", "compare.json")
+
+
 @rank_zero_only
-def write_record(out_dir: str | Path, task: str, started: float, result: Mapping[str, Any]) -> Path:
-    """Write `out_dir/run.json`; `started` is the `time.perf_counter()` the run began at."""
+def write_record(out_dir: str | Path, task: str, started: float, returned: Any = None) -> Path:
+    """Write `out_dir/run.json`: `started` is the `time.perf_counter()` the run began at, and
+    the result is what the entry point returned with the report files it wrote (`REPORTS`)."""
+    out_dir = Path(out_dir)
+    result: dict[str, Any] = {"returned": returned}
+    for name in REPORTS:
+        if (out_dir / name).is_file():
+            result[name] = json.loads((out_dir / name).read_text())
     record = {
         "command": command(task),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "machine": machine(),
         "wall_s": round(time.perf_counter() - started, 1),
-        "result": dict(result),
+        "result": result,
     }
-    file = Path(out_dir) / FILE
+    file = out_dir / FILE
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return file
