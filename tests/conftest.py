@@ -20,6 +20,7 @@ from omegaconf import DictConfig, open_dict
 from cellcls.data.datamodule import ImageFolderDataModule
 from cellcls.data.generate import generate_dataset
 from cellcls.models.classifier import CellClassifier
+from cellcls.run.cli import choices
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
@@ -35,7 +36,7 @@ FAST = [
 
 def options(group: str) -> list[str]:
     """The choices of config group `group` (`_name.yaml` files are parts others extend)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+    return choices(group)
 
 
 @pytest.fixture(scope="session")

@@ -83,5 +83,9 @@ def test_errors_print_once_before_the_tree_and_help_hides_private_parts(
         assert out.count(message) == 1, out[-2000:]
         assert "Traceback" not in out and "CONFIG" not in out, out[-2000:]
         assert result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
+    bench = run_module(
+        "cellcls.bench", ["data=synthetic", "trainer.max_epochs=3"], tmp_path, synthetic_cache
+    )
+    assert "trainer.max_epochs is not used by cellcls.bench" in bench.stderr, bench.stderr[-2000:]
     shown = run_module("cellcls.train", ["--help"], tmp_path, synthetic_cache).stdout
     assert "model: convnext_tiny" in shown and "_classifier" not in shown, shown[:2000]

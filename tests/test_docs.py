@@ -10,9 +10,10 @@ import shlex
 from pathlib import Path
 
 import pytest
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+from PIL import Image
 
+from cellcls.run.cli import single_run
 from tests.conftest import CONF_DIR, compose_run
 from tests.test_repo import MARKDOWN, ROOT
 
@@ -54,18 +55,6 @@ def documented_commands() -> list[tuple[str, str]]:
     return found
 
 
-def single_run(overrides: list[str]) -> list[str]:
-    """A multirun's overrides as one job: each sweep (`k=a,b`, `k=range(...)`) at its first value;
-    lists (`k=[a,b]`) and quoted values stay as they are."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return [
-        f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
-        if o.is_sweep_override()
-        else o.input_line
-        for o in parsed
-    ]
-
-
 COMMANDS = documented_commands()
 
 
@@ -90,3 +79,33 @@ def test_documented_command_composes(where: str, command: str, tmp_path: Path) -
     cfg = compose_run(overrides, tmp_path, config_name=name)
     missing = [k for k in cfg if k != "hydra" and OmegaConf.is_missing(cfg, k)]
     assert not missing, f"{where}: `{command}` leaves required settings unset: {missing}"
+
+
+def test_configuration_md_tree_names_every_config() -> None:
+    """docs/configuration.md's conf/ tree lists every top-level config and group."""
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    tree = text.split("## The conf/ tree", 1)[1].split("```")[1]
+    for path in sorted(CONF_DIR.iterdir()):
+        name = path.name + ("/" if path.is_dir() else "")
+        assert f"── {name}" in tree, f"docs/configuration.md's tree lacks {name}"
+
+
+def test_evaluation_md_names_every_report_file(tmp_path: Path) -> None:
+    """docs/evaluation.md lists every file a test report writes (cellcls.reports.write_report)."""
+    import numpy as np
+
+    from cellcls.reports.metrics import write_report
+
+    paths = [str(tmp_path / f"{i}.png") for i in range(8)]
+    for path in paths:
+        Image.new("RGB", (8, 8)).save(path)
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    probs = np.eye(2)[[0, 1, 1, 1, 0, 0, 0, 1]].astype(float)
+    write_report(
+        tmp_path / "report", paths, labels, probs, ["A", "B"], groups=[0, 0, 1, 1, 2, 2, 3, 3]
+    )
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    written = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert "per_group.csv" in written and "reliability.png" in written
+    for name in written:
+        assert f"`{name}`" in text, f"docs/evaluation.md does not name {name}"

@@ -88,6 +88,10 @@ def test_cellcls_train_debug_fdr(tmp_path: Path, synthetic_cache: Path) -> None:
     tree = (run / "config_tree.log").read_text()
     assert tree.startswith("CONFIG") and "fast_dev_run: true" in tree
     assert "num_classes: 4" in tree  # resolved (`${len:${data.classes}}` in the config)
+    record = json.loads((run / "run.json").read_text())  # cellcls.run.record, at the end
+    assert record["command"].startswith("python -m cellcls.train data=synthetic")
+    assert record["machine"]["cores"] >= 1 and record["wall_s"] > 0
+    assert record["result"]["metrics.json"]["n_images"] == 5 * 4
     assert "CONFIG" in result.stdout and "fast_dev_run: true" in result.stdout  # printed too
     report = json.loads((run / "metrics.json").read_text())
     assert (report["n_images"], report["n_split"]) == (16, 20)

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
@@ -281,7 +282,23 @@ def format_results(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@entry("bench")
+# Trainer settings the bench sets itself (`cellcls_train`): given on its command line, refused.
+OWN_TRAINER = ("max_epochs", "limit_val_batches", "num_sanity_val_steps", "logger")
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse a setting the bench would replace without a word."""
+    given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    for override in given:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key.removeprefix("trainer.") in OWN_TRAINER and key.startswith("trainer."):
+            raise CellclsError(
+                f"{key} is not used by cellcls.bench: it times {PASSES} passes of "
+                "bench.n_images images without validation or logging; drop it."
+            )
+
+
+@entry("bench", check)
 def main(cfg: DictConfig) -> dict[str, Any]:
     results = bench(cfg)
     print(format_results(results))
