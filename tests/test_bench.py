@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cellcls import bench
-from cellcls.bench import peer
+from cellcls.bench import loops, peer
 from cellcls.bench.peer import keras_train
 from cellcls.data.datasets import store_bytes
 from cellcls.data.device import DeviceBatches
@@ -297,7 +297,7 @@ def test_plain_loop_indexes_the_device_store_on_the_device(
     dm.setup("fit")
     full, indices = dm.train_set.dataset, dm.train_set.indices[:10]
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    timed_pass = bench.timed_pass
+    timed_pass = loops.timed_pass
 
     def watched(batches, step, device) -> float:
         def recorded():
@@ -307,7 +307,7 @@ def test_plain_loop_indexes_the_device_store_on_the_device(
 
         return timed_pass(recorded, step, device)
 
-    monkeypatch.setattr(bench, "timed_pass", watched)
+    monkeypatch.setattr(loops, "timed_pass", watched)
     meta = torch.device("meta")
     assert bench.plain_torch_train(cfg, full, indices, 4, meta, dm.statistics, bench.DEVICE) > 0
     assert len(seen) == bench.PASSES * 3 and [len(y) for _, y in seen[:3]] == [4, 4, 2]

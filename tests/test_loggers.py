@@ -64,6 +64,28 @@ def test_a_missing_tracker_is_one_line(
     )
 
 
+def test_mlflow_store_is_the_folder_the_run_started_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow keeps one store per URI for the process: a relative one would send a run started
+    from a second folder into the first folder's store."""
+    pytest.importorskip("mlflow")
+    from cellcls.run.loggers import MLFlowLogger
+
+    stores = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        logger = MLFlowLogger(
+            ".", "sqlite:///outputs/mlflow.db", artifact_location="outputs/mlruns"
+        )
+        stores.append((logger._tracking_uri, logger._artifact_location))
+    assert stores == [
+        (f"sqlite:///{tmp_path / n}/outputs/mlflow.db", str(tmp_path / n / "outputs" / "mlruns"))
+        for n in ("a", "b")
+    ]
+
+
 @pytest.mark.slow
 def test_mlflow_run_lands_in_the_shared_sqlite_store(in_tmp: Path, offline: None) -> None:
     from mlflow.tracking import MlflowClient

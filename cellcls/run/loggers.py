@@ -87,6 +87,9 @@ class RunFolder:
         return str(self.files.folder)
 
 
+SQLITE = "sqlite:///"
+
+
 class MLFlowLogger(RunFolder, LightningMLFlowLogger):
     """An MLflow run (`logger=mlflow`: a local SQLite store for every run); the run folder's
     report files become its artifacts (train logs the config as its hyperparameters).
@@ -97,6 +100,13 @@ class MLFlowLogger(RunFolder, LightningMLFlowLogger):
 
     def __init__(self, run_dir: str | Path, tracking_uri: str, **kwargs: Any) -> None:
         needs("mlflow", "mlflow")
+        # Absolute from the folder the run starts in: MLflow keeps one store per URI for the
+        # process, so a relative `sqlite:///outputs/...` would write a later run started from
+        # another folder (a test, a notebook's second run) into the first folder's store.
+        if tracking_uri.startswith(SQLITE) and not tracking_uri.startswith(SQLITE + "/"):
+            tracking_uri = SQLITE + str(Path(tracking_uri[len(SQLITE) :]).resolve())
+        if kwargs.get("artifact_location") and "://" not in kwargs["artifact_location"]:
+            kwargs["artifact_location"] = str(Path(kwargs["artifact_location"]).resolve())
         super().__init__(tracking_uri="http://localhost", **kwargs)  # a client that opens nothing
         self._tracking_uri, self._mlflow_client = tracking_uri, None
         self.files = RunFiles(run_dir)
