@@ -49,3 +49,12 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def __getattr__(name: str):
+    """`from cellcls import load_classifier`: the Python API, imported (with torch) when asked."""
+    if name in ("load_classifier", "Classifier", "Prediction"):
+        from cellcls import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'cellcls' has no attribute {name!r}")

@@ -118,6 +118,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.centred: dict[str, list[str]] = {}
         # The normalisation the model takes, once fitting is set up: {"mean", "std", "images"}.
         self.statistics: dict[str, Any] | None = None
+        # Images and source cells on each side of a grouped split (set by setup), for model cards.
+        self.summary: dict[str, Any] | None = None
         self._drawn: list[int] = []  # without a test folder: the drawn test part of the images
 
     def _check_settings(self) -> None:
@@ -321,6 +323,14 @@ class ImageFolderDataModule(L.LightningDataModule):
                 "of one cell fall on both sides)."
             )
         name = self._name(hp.train_split)
+        train_groups = {ids[i] for i in train}
+        self.summary = {  # for the model card (cellcls.run.state.SaveConfig keeps it)
+            "split": name,
+            "train_images": len(train),
+            "train_cells": len(train_groups),
+            "val_images": len(val),
+            "val_cells": len({ids[i] for i in val}),
+        }
         if hp.folds:
             log.info(
                 "Fold %d of %d: validation holds out %d of %d source groups of %s (%d of %d "

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,13 +41,29 @@ def decode(path: str | Path, size: int, crop: float | None = None) -> np.ndarray
 def decode_cell(path: str | Path, size: int, crop: float | None = None) -> tuple[np.ndarray, bool]:
     """`decode`, and whether the white cell was found (False: a centre crop was taken)."""
     with open_image(path) as im:
-        im = to_rgb8(im)
-        found = True
-        if crop is not None:
-            centre = find_cell(np.asarray(im))
-            found = centre is not None
-            im = im.crop(square_box(centre, crop_side(crop, im.size), im.width, im.height))
-        return np.array(im.resize((size, size), Image.Resampling.BILINEAR)), found
+        cell = cut_cell(im, size, crop)
+        return cell.image, cell.found
+
+
+class Cell(NamedTuple):
+    """What the model sees of one image, and where in the image it came from."""
+
+    image: np.ndarray  # size x size x 3, uint8 RGB
+    box: tuple[int, int, int, int] | None  # (left, top, right, bottom) in its pixels; no crop: None
+    found: bool  # the white cell was found (False: a centre crop was taken)
+
+
+def cut_cell(im: Image.Image, size: int, crop: float | None = None) -> Cell:
+    """An opened image as the store holds it: 8-bit RGB, cropped around the white cell (with
+    `crop`), resized to `size` x `size`. The one preprocessing of training, eval and the API."""
+    im = to_rgb8(im)
+    box, found = None, True
+    if crop is not None:
+        centre = find_cell(np.asarray(im))
+        found = centre is not None
+        box = square_box(centre, crop_side(crop, im.size), im.width, im.height)
+        im = im.crop(box)
+    return Cell(np.array(im.resize((size, size), Image.Resampling.BILINEAR)), box, found)
 
 
 def crop_side(crop: float, size: tuple[int, int]) -> int:

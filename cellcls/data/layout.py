@@ -143,3 +143,21 @@ class ClassFolder(ImageFolder):
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         return self._classes, {c: i for i, c in enumerate(self._classes)}
+
+
+def find_images(inputs: str | Path) -> list[str]:
+    """A file as it is, or the image files (by extension) anywhere under a folder, sorted."""
+    inputs = Path(inputs).expanduser()
+    if inputs.is_file():
+        return [str(inputs)]
+    if not inputs.is_dir():
+        raise CellclsError(f"inputs '{inputs}' does not exist (give an image file or a folder).")
+    files = sorted(p for p in inputs.rglob("*") if p.is_file())
+    images = [str(p) for p in files if p.suffix.lower() in IMG_EXTENSIONS]
+    if len(images) < len(files):
+        log.warning(
+            "Ignoring %d file(s) that are not images by extension.", len(files) - len(images)
+        )
+    if not images:
+        raise CellclsError(f"inputs '{inputs}' holds no images ({', '.join(IMG_EXTENSIONS)}).")
+    return images

@@ -5,6 +5,7 @@ pretrained weights a user names (`model.net.weights`, read in `cellcls.models.ba
 from cellcls.models.augment import BatchAugment
 from cellcls.models.backbone import torchvision_net
 from cellcls.models.classifier import CellClassifier
+from cellcls.models.deploy import UInt8Probabilities
 from cellcls.models.ensemble import MeanProbabilities
 from cellcls.models.smallcnn import SmallCNN
 from cellcls.models.smallcnn_bn import SmallCNNBN
@@ -16,6 +17,7 @@ __all__ = [
     "MeanProbabilities",
     "SmallCNN",
     "SmallCNNBN",
+    "UInt8Probabilities",
     "timm_net",
     "torchvision_net",
 ]

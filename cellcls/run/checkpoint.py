@@ -24,6 +24,8 @@ from cellcls.models import CellClassifier, MeanProbabilities
 
 # Where `cellcls.run.state.SaveConfig` puts the run's resolved data and model config.
 CONFIG_KEY = "cellcls_config"
+# ... and the grouped split's images and source cells (`ImageFolderDataModule.summary`).
+DATA_KEY = "cellcls_data"
 # Data settings the members of an ensemble must share: what their input images are ...
 SAME_INPUT = ("classes", "image_size", "crop")
 # ... and, to score the validation part of TRAIN (data.split=val), which cells it holds.

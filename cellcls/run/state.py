@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cellcls.run.checkpoint import CONFIG_KEY
+from cellcls.run.checkpoint import CONFIG_KEY, DATA_KEY
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ class SaveConfig(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[CONFIG_KEY] = self.config
+        # Images and source cells on each side of the grouped split, for the model card.
+        summary = getattr(trainer.datamodule, "summary", None)
+        if summary is not None:
+            checkpoint[DATA_KEY] = summary
 
 
 class CheckpointOnInterrupt(L.Callback):

@@ -1,0 +1,296 @@
+"""The Python API: a trained model as a function of images.
+
+    from cellcls import load_classifier
+    clf = load_classifier("outputs/train/runs/<run>/checkpoints/epoch_004.ckpt")
+    result = clf.predict("cell.jpeg")
+    result.label, result.probabilities["MONOCYTE"], result.box
+
+`load_classifier` takes a checkpoint (or a list of them: their ensemble) or a folder written by
+`cellcls.export`; with `backend="onnx"`, the export's `model.onnx` runs in onnxruntime.
+`Classifier.predict` takes paths, folders, PIL images and HxWx3 uint8 arrays, and applies the
+preprocessing of training (`cellcls.data.decode.cut_cell`: 8-bit RGB, the white-cell crop,
+the resize); the network scales and normalises its uint8 input itself (in the ONNX graph too).
+`cellcls.predict` is this API on a folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cellcls.core.errors import CellclsError
+from cellcls.core.hardware import auto_precision
+from cellcls.core.images import open_image
+from cellcls.data.decode import Cell, cpu_count, cut_cell, unreadable
+from cellcls.data.layout import find_images
+
+log = logging.getLogger(__name__)
+
+# One image: a file, an opened PIL image, or an H x W x 3 uint8 RGB array.
+ImageInput = Union[str, Path, Image.Image, np.ndarray]  # noqa: UP007 (a runtime alias)
+# Autocast dtypes of Lightning's precision names; "32-true" runs without autocast.
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}
+BACKENDS = ("torch", "onnx")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result. An image that could not be read has `label` None and its `error`."""
+
+    source: str | None  # the file, or None for an image given in memory
+    label: str | None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    box: tuple[int, int, int, int] | None = None  # the crop: left, top, right, bottom (or None)
+    cell_found: bool = True  # False: no white cell was found and the centre was cropped
+    error: str | None = None
+
+
+class Classifier:
+    """A model and the preprocessing it was trained with; `predict` is the whole pipeline.
+
+    `run` maps a batch of preprocessed images (N x size x size x 3 uint8) to class
+    probabilities (N x classes); `model` is the torch module behind it (None for ONNX).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        classes: Sequence[str],
+        image_size: int,
+        crop: float | None,
+        backend: str,
+        device: str = "cpu",
+        model: torch.nn.Module | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.run, self.classes = run, list(classes)
+        self.image_size, self.crop = image_size, crop
+        self.backend, self.device, self.model = backend, device, model
+        self.metadata = metadata or {}
+
+    def __repr__(self) -> str:
+        return (
+            f"Classifier({self.classes}, image_size={self.image_size}, crop={self.crop}, "
+            f"backend={self.backend}, device={self.device})"
+        )
+
+    def cells(self, images: Sequence[ImageInput]) -> list[Cell | str]:
+        """Each image as the model sees it (`Cell`), or why it could not be read; on all cores
+        (PIL and OpenCV release the GIL)."""
+        with ThreadPoolExecutor(cpu_count()) as pool:
+            return list(pool.map(self._cell, images))
+
+    def _cell(self, image: ImageInput) -> Cell | str:
+        try:
+            if isinstance(image, str | Path):
+                with open_image(image) as im:
+                    return cut_cell(im, self.image_size, self.crop)
+            if isinstance(image, np.ndarray):
+                image = array_image(image)
+            return cut_cell(image, self.image_size, self.crop)
+        except Exception as err:  # PIL raises many types for broken files
+            return unreadable(str(image) if isinstance(image, str | Path) else "", err)
+
+    def probabilities(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Class probabilities of preprocessed images (N x size x size x 3 uint8); with `tta`,
+        averaged over the 8 flips and 90-degree rotations, as `CellClassifier.scores` does."""
+        if not tta:
+            return self.run(batch)
+        views = [np.rot90(batch, k, axes=(1, 2)) for k in range(4)]
+        views += [v[:, :, ::-1] for v in views]
+        return np.mean([self.run(np.ascontiguousarray(v)) for v in views], axis=0)
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        batch_size: int = 64,
+        tta: bool = False,
+        progress: bool = False,
+    ) -> Prediction | list[Prediction]:
+        """One `Prediction` for one image; a list for a folder (its images, sorted) or a list."""
+        single = not isinstance(images, list | tuple) and not (
+            isinstance(images, str | Path) and Path(images).is_dir()
+        )
+        items = self._expand(images)
+        results = [p for batch in self._batches(items, batch_size, tta, progress) for p in batch]
+        return results[0] if single else results
+
+    def _expand(self, images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+        if isinstance(images, list | tuple):
+            return [i for image in images for i in self._expand(image)]
+        if isinstance(images, str | Path):
+            path = Path(images).expanduser()
+            if not path.exists():
+                raise CellclsError(f"image '{path}' does not exist (give an image or a folder).")
+            return list(find_images(path)) if path.is_dir() else [str(path)]
+        if isinstance(images, Image.Image | np.ndarray):
+            return [images]
+        raise CellclsError(
+            f"cannot classify a {type(images).__name__}: give a path, a folder, a PIL image, an "
+            "H x W x 3 uint8 array, or a list of them."
+        )
+
+    def _batches(
+        self, items: list[ImageInput], batch_size: int, tta: bool, progress: bool
+    ) -> Iterator[list[Prediction]]:
+        bar = tqdm(total=len(items), desc="predicting", unit="img", disable=not progress)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            cells = self.cells(chunk)
+            good = [i for i, c in enumerate(cells) if isinstance(c, Cell)]
+            probs = (
+                self.probabilities(np.stack([cells[i].image for i in good]), tta)
+                if good
+                else np.empty((0, len(self.classes)))
+            )
+            out: list[Prediction] = []
+            row = iter(probs)
+            for item, cell in zip(chunk, cells, strict=True):
+                source = str(item) if isinstance(item, str | Path) else None
+                if isinstance(cell, str):
+                    out.append(Prediction(source, None, error=cell))
+                    continue
+                p = next(row)
+                out.append(
+                    Prediction(
+                        source,
+                        self.classes[int(p.argmax())],
+                        dict(zip(self.classes, map(float, p), strict=True)),
+                        cell.box,
+                        cell.found,
+                    )
+                )
+            bar.update(len(chunk))
+            yield out
+        bar.close()
+
+
+def array_image(array: np.ndarray) -> Image.Image:
+    """An H x W x 3 uint8 RGB array (or H x W grey) as a PIL image; anything else is refused."""
+    rgb = array.ndim == 3 and array.shape[2] == 3
+    if array.dtype != np.uint8 or not (rgb or array.ndim == 2):
+        raise CellclsError(
+            f"an image array must be H x W x 3 (RGB) or H x W, uint8; got {array.shape} "
+            f"{array.dtype}."
+        )
+    return Image.fromarray(array)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; otherwise a torch device name."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise CellclsError(f"device={device} is not a device: give auto, cpu or cuda.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CellclsError(f"device={device}, but this machine has no CUDA GPU: give auto or cpu.")
+    return resolved
+
+
+def torch_runner(
+    model: torch.nn.Module, device: torch.device, precision: str
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A batch of uint8 NHWC images to probabilities with the model's own `predict_step`."""
+    if precision == "auto":
+        precision = auto_precision(device.type)
+    if precision not in AUTOCAST:
+        raise CellclsError(f"precision={precision} is not one of auto, {', '.join(AUTOCAST)}.")
+    dtype = AUTOCAST[precision]
+    model.eval().to(device)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)
+        autocast = torch.autocast(device.type, dtype) if dtype is not None else nullcontext()
+        with torch.inference_mode(), autocast:
+            return model.predict_step(x, 0).float().cpu().numpy()
+
+    return run
+
+
+def onnx_runner(file: Path, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """A batch of uint8 NHWC images to probabilities with onnxruntime (the `[onnx]` extra)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CellclsError(
+            'backend=onnx needs onnxruntime, which is not installed: pip install -e ".[onnx]"'
+        ) from None
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_count()
+    session = ort.InferenceSession(str(file), options, providers=providers)
+    name = session.get_inputs()[0].name
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: batch})[0]
+
+    return run
+
+
+def load_classifier(
+    path: str | Path | Sequence[str | Path],
+    device: str = "auto",
+    precision: str = "auto",
+    backend: str = "torch",
+) -> Classifier:
+    """The classifier in a checkpoint (a list of them: their ensemble) or an export folder.
+
+    `device` (auto, cpu, cuda, cuda:1) and `precision` (auto: bf16 where the hardware has it, as
+    in training; or 32-true, bf16-mixed, 16-mixed) apply to the torch backend; `backend="onnx"`
+    runs an export's model.onnx in onnxruntime (float32, on the GPU where onnxruntime-gpu is).
+    """
+    from cellcls.export import ONNX, WEIGHTS, exported_config, load_exported, read_metadata
+    from cellcls.run.checkpoint import restore
+
+    if backend not in BACKENDS:
+        raise CellclsError(f"backend={backend} is not one of {', '.join(BACKENDS)}.")
+    where = resolve_device(device)
+    folder = Path(path).expanduser() if isinstance(path, str | Path) else None
+    if folder is not None and folder.is_dir():
+        config, metadata = exported_config(folder), read_metadata(folder)
+        if backend == "onnx":
+            if not (folder / ONNX).is_file():
+                raise CellclsError(
+                    f"'{folder}' holds no {ONNX}: export it with "
+                    f"python -m cellcls.export ckpt_path=… export.format=onnx"
+                )
+            run, model = onnx_runner(folder / ONNX, where), None
+        else:
+            if not (folder / WEIGHTS).is_file():
+                raise CellclsError(f"'{folder}' holds no {WEIGHTS}; backend=onnx runs its {ONNX}.")
+            model = load_exported(folder)
+            run = torch_runner(model, where, precision)
+    else:
+        if backend == "onnx":
+            raise CellclsError(
+                f"backend=onnx runs an export folder, not a checkpoint ('{path}'): "
+                "python -m cellcls.export ckpt_path=… export.format=onnx"
+            )
+        restored = restore(path, data=False, ensemble=True)
+        config, metadata, model = restored.config, {}, restored.model
+        run = torch_runner(model, where, precision)
+    data = config.data
+    return Classifier(
+        run,
+        list(data.classes),
+        int(data.image_size),
+        data.get("crop"),
+        backend,
+        str(where),
+        model,
+        metadata,
+    )
