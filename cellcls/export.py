@@ -67,6 +67,8 @@ def export_onnx(model: L.LightningModule, size: int, out: Path) -> float:
         ) from None
     from cellcls.inference import onnx_runner
 
+    for name in ("onnxscript", "onnx_ir"):  # their graph passes log every step at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     graph = UInt8Probabilities(model.float()).eval()
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
     batch = torch.export.Dim("batch")
@@ -79,6 +81,7 @@ def export_onnx(model: L.LightningModule, size: int, out: Path) -> float:
             output_names=["probabilities"],
             dynamic_shapes={"images": {0: batch}},
             dynamo=True,
+            external_data=False,  # one file: the weights inside model.onnx (a model < 2 GB)
             verbose=False,
         )
     images = np.random.default_rng(0).integers(0, 256, (5, size, size, 3), dtype=np.uint8)

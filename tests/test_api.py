@@ -44,6 +44,11 @@ def test_api_equals_predict_and_takes_every_input(trained_run, tmp_path: Path) -
         assert r.label == rows[r.source]["pred"] and r.label in CLASSES
         for c in CLASSES:
             assert abs(r.probabilities[c] - float(rows[r.source][c])) <= 1e-6
+    # The test loop (train's final test, cellcls.eval) scores the same images alike: one path.
+    tested = list(csv.DictReader((run / "predictions.csv").open()))
+    for row, r in zip(tested, clf.predict([t["path"] for t in tested]), strict=True):
+        assert r.label == row["pred"]
+        assert max(abs(r.probabilities[c] - float(row[c])) for c in CLASSES) <= 1e-6
     one = clf.predict(files[0])
     with Image.open(files[0]) as im:
         from_pil, from_array = clf.predict(im.copy()), clf.predict(np.asarray(im.convert("RGB")))
