@@ -209,7 +209,7 @@ def entry(
             print_config_tree(cfg, out)
             started = time.perf_counter()
             returned = fn(cfg)
-            write_record(out, config_name, started, returned)
+            write_record(out, entry_module(fn), started, returned)
             return returned
 
         app = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(
@@ -229,6 +229,14 @@ def entry(
         return main
 
     return wrap
+
+
+def entry_module(fn: Callable[..., Any]) -> str:
+    """The module `python -m` ran (`cellcls.bench.inference`), not `__main__`."""
+    if fn.__module__ != "__main__":
+        return fn.__module__
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec is not None else fn.__module__
 
 
 def check_data(cfg: DictConfig) -> None:

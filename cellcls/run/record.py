@@ -29,10 +29,10 @@ FILE = "run.json"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def command(task: str) -> str:
-    """The command line of this run: `python -m cellcls.<task>` and its overrides."""
+def command(module: str) -> str:
+    """The command line of this run: `python -m <module>` and its overrides."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    return shlex.join(["python", "-m", f"cellcls.{task}", *overrides])
+    return shlex.join(["python", "-m", module, *overrides])
 
 
 def machine() -> dict[str, Any]:
@@ -81,7 +81,7 @@ REPORTS = ("metrics.json", "cv_metrics.json", "compare.json")
 
 
 @rank_zero_only
-def write_record(out_dir: str | Path, task: str, started: float, returned: Any = None) -> Path:
+def write_record(out_dir: str | Path, module: str, started: float, returned: Any = None) -> Path:
     """Write `out_dir/run.json`: `started` is the `time.perf_counter()` the run began at, and
     the result is what the entry point returned with the report files it wrote (`REPORTS`)."""
     out_dir = Path(out_dir)
@@ -90,7 +90,7 @@ def write_record(out_dir: str | Path, task: str, started: float, returned: Any =
         if (out_dir / name).is_file():
             result[name] = json.loads((out_dir / name).read_text())
     record = {
-        "command": command(task),
+        "command": command(module),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "machine": machine(),
