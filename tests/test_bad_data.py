@@ -168,7 +168,7 @@ def test_every_reader_refuses_a_bomb_through_the_one_opener(tmp_path: Path) -> N
             read()
     out = np.full((1, 8, 8, 3), 7, np.uint8)
     bad, _ = decode_all([str(bomb)], 8, out, progress=False)
-    assert why in bad[str(bomb)] and not out.any()  # predict's ImageFiles: a zero row, listed
+    assert why in bad[str(bomb)] and not out.any()  # a zero row, listed
 
 
 @pytest.mark.slow

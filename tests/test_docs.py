@@ -18,7 +18,8 @@ from tests.conftest import CONF_DIR, compose_run
 from tests.test_repo import MARKDOWN, ROOT
 
 BASH = re.compile(r"^ *```(?:bash|sh|shell|console)[^\n]*\n(.*?)^ *```", re.M | re.S)
-ENTRY = re.compile(r"^(?:python3? -m cellcls\.(\w+)|cellcls-(\w+))(?: |$)")
+# The module after cellcls. (bench.inference) or the script's name (bench-inference).
+ENTRY = re.compile(r"^(?:python3? -m cellcls\.([\w.]+)|cellcls-([\w-]+))(?: |$)")
 NOT_HYDRA = {"summary"}  # python -m cellcls.summary SWEEP_FOLDER [--mode min]: argparse
 # What the reader fills in (`<run>`, `<date>_<time>`): composed as a plain name.
 PLACEHOLDER = re.compile(r"<[\w-]+>")
@@ -69,11 +70,12 @@ def test_documented_command_composes(where: str, command: str, tmp_path: Path) -
     while not ENTRY.match(" ".join(words)):
         words.pop(0)
     match = ENTRY.match(" ".join(words))
-    name = match.group(1) or match.group(2)
+    module = (match.group(1) or match.group(2)).replace("-", ".")
     args = words[3:] if match.group(1) else words[1:]
-    assert importlib.util.find_spec(f"cellcls.{name}"), f"{where}: no module cellcls.{name}"
-    if name in NOT_HYDRA:
+    assert importlib.util.find_spec(f"cellcls.{module}"), f"{where}: no module cellcls.{module}"
+    if module in NOT_HYDRA:
         return
+    name = module.replace(".", "_")  # its config: conf/bench_inference.yaml
     assert (CONF_DIR / f"{name}.yaml").exists(), f"{where}: cellcls.{name} has no conf/{name}.yaml"
     overrides = single_run([a for a in args if a not in ("-m", "--multirun")])
     cfg = compose_run(overrides, tmp_path, config_name=name)

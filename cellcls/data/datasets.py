@@ -7,12 +7,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
-
-from cellcls.data.decode import decode_all
 
 log = logging.getLogger(__name__)
 
@@ -47,33 +44,6 @@ class CachedImages(Dataset):
         # faster than fancy indexing the NCHW view, and already channels-last for the model.
         rows = self.images.permute(0, 2, 3, 1).index_select(0, self.rows[idx])
         return rows.permute(0, 3, 1, 2), self.targets[idx]
-
-
-class ImageFiles(Dataset):
-    """Image files without labels, decoded as the training images are (uint8, `size` x `size`).
-
-    Whole batches are decoded at once on all cores (`__getitems__`, with `batch_as_is` as the
-    DataLoader's collate_fn), so a folder of any size needs the memory of one batch. A file that
-    cannot be decoded gives a zero image and is recorded in `unreadable` (path -> reason): use
-    the DataLoader in this process (num_workers=0) to read it afterwards.
-    """
-
-    def __init__(self, paths: Sequence[str], size: int, crop: float | None = None) -> None:
-        self.paths = list(paths)
-        self.size, self.crop = size, crop
-        self.unreadable: dict[str, str] = {}
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.__getitems__([i])[0]
-
-    def __getitems__(self, indices: list[int]) -> Tensor:
-        paths = [self.paths[i] for i in indices]
-        batch = np.empty((len(paths), self.size, self.size, 3), dtype=np.uint8)
-        self.unreadable |= decode_all(paths, self.size, batch, progress=False, crop=self.crop)[0]
-        return torch.from_numpy(batch).permute(0, 3, 1, 2)
 
 
 def split_rows(dataset: Dataset) -> tuple[CachedImages, Tensor, Tensor]:
