@@ -185,3 +185,33 @@ def test_early_stopping_on_val_acc(in_tmp: Path) -> None:
     train(compose_run(args, in_tmp / "run"))
     last = torch.load(in_tmp / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] < 5  # val/acc cannot improve at lr 1e-9: stopped after 2 epochs
+
+
+def test_balanced_class_weights_follow_the_training_images(tiny_root: Path, tmp_path: Path) -> None:
+    """model.class_weights=balanced: n / (k * n_c) of the datamodule's training counts, in the
+    training loss only; validation and test losses stay unweighted."""
+    from types import SimpleNamespace
+
+    from cellcls.models.classifier import balanced_weights
+
+    assert torch.allclose(balanced_weights([90, 10]), torch.tensor([100 / 180, 100 / 20]))
+    with pytest.raises(CellclsError, match="needs training images of every class"):
+        balanced_weights([5, 0])
+    cfg = compose_run([*TINY, "model.class_weights=balanced"], tmp_path)
+    model: CellClassifier = instantiate(cfg.model)
+    assert torch.equal(model.loss_weight, torch.ones(4))  # until the counts are known
+    counts = [30, 10, 5, 55]
+    dm = SimpleNamespace(class_counts=counts, statistics=None)
+    model._trainer = SimpleNamespace(datamodule=dm)
+    model.setup("fit")
+    assert torch.allclose(model.loss_weight, balanced_weights(counts))
+    assert "loss_weight" not in model.state_dict()  # old checkpoints load as before
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 2, 2])
+    weighted = F.cross_entropy(logits, y, model.loss_weight)
+    assert not torch.isclose(weighted, F.cross_entropy(logits, y))
+    real_dm = make_dm(tiny_root)
+    real_dm.setup("fit")
+    assert sum(real_dm.class_counts) == len(real_dm.train_set) and min(real_dm.class_counts) > 0
+    for bad in ("heavy", [1, 2]):
+        with pytest.raises(CellclsError, match="must be null, balanced or 4 numbers > 0"):
+            CellClassifier(SmallCNNBN(), partial(torch.optim.AdamW), CLASSES, class_weights=bad)

@@ -118,6 +118,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.centred: dict[str, list[str]] = {}
         # The normalisation the model takes, once fitting is set up: {"mean", "std", "images"}.
         self.statistics: dict[str, Any] | None = None
+        # Training images per class (model.class_weights=balanced weighs the loss by them).
+        self.class_counts: list[int] | None = None
         # Images and source cells on each side of a grouped split (set by setup), for model cards.
         self.summary: dict[str, Any] | None = None
         self._drawn: list[int] = []  # without a test folder: the drawn test part of the images
@@ -201,6 +203,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             else:
                 train, val = self._grouped_split(full.samples, pool)
             self.train_set, self.val_set = Subset(full, train), Subset(full, val)
+            labels = [full.samples[i][1] for i in train]
+            self.class_counts = [labels.count(c) for c in range(len(self.classes))]
             if stage in ("fit", None):
                 self.statistics = self._statistics(full, train)
         if testing and self.test_set is None:

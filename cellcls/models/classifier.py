@@ -65,6 +65,7 @@ class CellClassifier(L.LightningModule):
         channels_last: bool = False,
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
+        class_weights: str | Sequence[float] | None = None,
         augment: nn.Module | None = None,
         mix: Mix | None = None,
         backbone_lr_scale: float = 1.0,
@@ -73,6 +74,13 @@ class CellClassifier(L.LightningModule):
         super().__init__()
         ok = is_number(label_smoothing) and 0 <= label_smoothing < 1
         require(ok, "model.label_smoothing", label_smoothing, "a number in [0, 1)")
+        ok = class_weights in (None, "balanced") or (
+            not isinstance(class_weights, str)
+            and len(class_weights) == len(classes)
+            and all(is_number(w) and w > 0 for w in class_weights)
+        )
+        wanted = f"null, balanced or {len(classes)} numbers > 0"
+        require(ok, "model.class_weights", class_weights, wanted)
         ok = is_number(backbone_lr_scale) and backbone_lr_scale > 0
         require(ok, "model.backbone_lr_scale", backbone_lr_scale, "a number > 0")
         require(
@@ -104,6 +112,12 @@ class CellClassifier(L.LightningModule):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.label_smoothing = label_smoothing
+        self.class_weights = class_weights
+        # The training loss's class weights: set in `setup` (balanced: from the training images'
+        # class counts); not saved, so checkpoints load as before.
+        given = class_weights not in (None, "balanced")
+        weights = [float(w) for w in class_weights] if given else [1.0] * len(classes)
+        self.register_buffer("loss_weight", torch.tensor(weights, dtype=torch.float), False)
         self.augment = augment
         self.mix = mix
         self.tta = False
@@ -141,7 +155,10 @@ class CellClassifier(L.LightningModule):
         x, y = batch
         logits = self.scores(x) if stage == "test" else self(x)
         smoothing = self.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, y if target is None else target, label_smoothing=smoothing)
+        weight = self.loss_weight if stage == "train" else None
+        loss = F.cross_entropy(
+            logits, y if target is None else target, weight, label_smoothing=smoothing
+        )
         loss_metric, acc_metric = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
         loss_metric(loss, weight=len(y))
         acc_metric(logits, y)
@@ -186,6 +203,8 @@ class CellClassifier(L.LightningModule):
         (`statistics`); a resumed fit then loads the checkpoint's over them."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         stats = getattr(dm, "statistics", None)
+        if stage == "fit" and self.class_weights == "balanced":
+            self.loss_weight.copy_(balanced_weights(getattr(dm, "class_counts", None)))
         if stage != "fit" or not self.measure:
             return
         if stats is None:
@@ -273,3 +292,14 @@ def head_of(net: nn.Module) -> nn.Module:
             "has no linear layer; set model.backbone_lr_scale=1 model.freeze_backbone_epochs=0."
         )
     return linear[-1]
+
+
+def balanced_weights(counts: Sequence[int] | None) -> Tensor:
+    """Class weights n / (k * n_c), scikit-learn's `balanced`: each class weighs as much in the
+    loss as every other, however few its images."""
+    if not counts or min(counts) == 0:
+        raise CellclsError(
+            f"model.class_weights=balanced needs training images of every class; got {counts}"
+        )
+    counts_t = torch.tensor(counts, dtype=torch.float)
+    return counts_t.sum() / (len(counts) * counts_t)
