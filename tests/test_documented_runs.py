@@ -35,6 +35,7 @@ SKIP = {
     "data.download=true": "downloads from Kaggle (tests/test_download.py, with a stand-in)",
     "weights=imagenet": "downloads pretrained weights",
     "logger=wandb": "needs a W&B account (tests/test_loggers.py runs it offline)",
+    "cellcls.app": "serves until stopped (tests/test_app.py serves it and drives the page)",
 }
 # Settings set (or replaced) on every command of the train configs, to make it small.
 SHRINK = {
