@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from cellcls.core.errors import CellclsError, exit_on_user_error
 from cellcls.models import timm_net, torchvision_net
 from cellcls.models.backbone import IMAGENET_MEAN, IMAGENET_STD
-from cellcls.models.classifier import head_of
+from cellcls.models.recipe import head_of
 from cellcls.run.checkpoint import restore
 from cellcls.train import train
 from tests.conftest import FAST, compose_run

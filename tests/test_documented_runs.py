@@ -50,6 +50,7 @@ BY_ENTRY = {
     "cv": {"data.folds": "2"},
     "search": {"hparams_search.n_trials": "1"},
     "bench": {"bench.n_images": "16", "bench.keras": "false"},
+    "bench.inference": {"bench.n_images": "16"},
 }
 TRAIN_CONFIGS = {"train", "cv", "search", "bench"}
 RUNS = [(w, c) for w, c in COMMANDS if ENTRY.match(c).group(1) not in NOT_HYDRA]
@@ -134,6 +135,7 @@ def concrete(command: str, layouts: dict[str, Path], trained: Callable[[str], Pa
     }
     for written, path in roots.items():
         command = command.replace(f"data.root={written}", f"data.root={path}")
+    command = command.replace("=/path/to/blood-cells/", f"={layouts['kaggle']}/")
     needs_run = re.search(r"ckpt_path=(?!last\b)|<run>|a=|inputs=", command)
     if needs_run:
         run = trained(layout)
@@ -142,7 +144,7 @@ def concrete(command: str, layouts: dict[str, Path], trained: Callable[[str], Pa
         command = re.sub(r"ckpt_path=(?!last\b|\[)\S+", f"ckpt_path={ckpt}", command)
         command = re.sub(r"outputs/\w+/runs/<\w+>", str(run), command)
         test = layouts["kaggle"] / "dataset2-master" / "dataset2-master" / "images" / "TEST"
-        command = command.replace("inputs=DIR_OR_FILE", f"inputs={test}")
+        command = re.sub(r"inputs=(DIR_OR_FILE|DIR)\b", f"inputs={test}", command)
     name = ENTRY.match(command).group(1) or ENTRY.match(command).group(2)
     if name in {*TRAIN_CONFIGS, "groups"} and "data=" not in command and "data.root" not in command:
         command += f" data.root={layouts['kaggle']}"  # the README: add data.root=/path/to/...

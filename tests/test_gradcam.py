@@ -113,7 +113,7 @@ def test_eval_and_predict_write_gradcam(trained_run, in_tmp: Path) -> None:
     overrides = [ckpt, *(a for a in FAST if not a.startswith(("data=", "data.image"))), asked]
     evaluate(compose_run(overrides, in_tmp / "eval", "eval"), overrides)
     root = json.loads((run / "metrics.json").read_text())["root"]
-    overrides = [ckpt, f"inputs={root}/TEST", "trainer.accelerator=cpu", asked]
+    overrides = [ckpt, f"inputs={root}/TEST", "device=cpu", asked]
     predict(compose_run(overrides, in_tmp / "predict", "predict"), in_tmp / "predict")
     for out in ("eval", "predict"):
         with Image.open(in_tmp / out / "gradcam.png") as im:

@@ -152,7 +152,7 @@ def test_eval_and_predict_with_tta(trained_run, in_tmp: Path) -> None:
             f"ckpt_path={ckpt}",
             f"inputs={Path(images[0]).parent}",
             "tta=true",
-            "trainer.accelerator=cpu",
+            "device=cpu",
         ],
         in_tmp / "predict",
         "predict",
@@ -192,7 +192,7 @@ def test_balanced_class_weights_follow_the_training_images(tiny_root: Path, tmp_
     training loss only; validation and test losses stay unweighted."""
     from types import SimpleNamespace
 
-    from cellcls.models.classifier import balanced_weights
+    from cellcls.models.recipe import balanced_weights
 
     assert torch.allclose(balanced_weights([90, 10]), torch.tensor([100 / 180, 100 / 20]))
     with pytest.raises(CellclsError, match="needs training images of every class"):

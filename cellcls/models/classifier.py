@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cellcls.core.errors import CellclsError, is_number, is_whole, require
 from cellcls.models.ensemble import mean_probabilities
+from cellcls.models.recipe import balanced_weights, head_of
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,9 @@ class CellClassifier(L.LightningModule):
         self.augment = augment
         self.mix = mix
         self.tta = False
+        # What held-out cells taught of its probabilities (cellcls.models.trust): the temperature,
+        # the conformal scores, the abstention evidence. Set after fitting; kept in checkpoints.
+        self.trust: dict[str, Any] | None = None
         self.classes = list(classes)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
@@ -146,6 +150,15 @@ class CellClassifier(L.LightningModule):
             return self(x)
         views = [v for k in range(4) for v in (x.rot90(k, (-2, -1)), x.rot90(k, (-2, -1)).flip(-1))]
         return mean_probabilities([self(v) for v in views])
+
+    @property
+    def temperature(self) -> float:
+        """T of softmax(logits / T): 1 until fitted on held-out cells."""
+        return float(self.trust["temperature"]) if self.trust else 1.0
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class probabilities of logits (or log-probabilities), calibrated by `temperature`."""
+        return (logits.detach().float() / self.temperature).softmax(1)
 
     def _step(
         self, batch: tuple[Tensor, Tensor], stage: str, target: Tensor | None = None
@@ -190,13 +203,13 @@ class CellClassifier(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         # Per-image outputs for callbacks that write reports (see cellcls.run.callbacks.TestReport).
         logits = self._step(batch, "test")[1]
-        return {"probs": logits.detach().float().softmax(1), "labels": batch[1]}
+        return {"probs": self.probabilities(logits), "labels": batch[1]}
 
     def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
         """Class probabilities of a batch of images (or of `(images, labels)`), for
         `Trainer.predict` (see cellcls.predict)."""
         x = batch if isinstance(batch, Tensor) else batch[0]
-        return self.scores(x).float().softmax(1)
+        return self.probabilities(self.scores(x))
 
     def setup(self, stage: str) -> None:
         """With `mean`/`std` `auto`: take the datamodule's, measured on the training images
@@ -221,6 +234,11 @@ class CellClassifier(L.LightningModule):
         for key in ("mean", "std", "normalization"):
             if key in saved:
                 self.hparams[key] = saved[key]
+        self.trust = checkpoint.get("trust")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.trust:
+            checkpoint["trust"] = self.trust
 
     def on_fit_start(self) -> None:
         finetune = self.backbone_lr_scale != 1 or self.freeze_backbone_epochs
@@ -279,27 +297,3 @@ class CellClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-
-def head_of(net: nn.Module) -> nn.Module:
-    """The classifier head: timm's `get_classifier()`, else the network's last linear layer."""
-    if hasattr(net, "get_classifier"):
-        return net.get_classifier()
-    linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise CellclsError(
-            f"model.backbone_lr_scale/freeze_backbone_epochs need a head, but {type(net).__name__} "
-            "has no linear layer; set model.backbone_lr_scale=1 model.freeze_backbone_epochs=0."
-        )
-    return linear[-1]
-
-
-def balanced_weights(counts: Sequence[int] | None) -> Tensor:
-    """Class weights n / (k * n_c), scikit-learn's `balanced`: each class weighs as much in the
-    loss as every other, however few its images."""
-    if not counts or min(counts) == 0:
-        raise CellclsError(
-            f"model.class_weights=balanced needs training images of every class; got {counts}"
-        )
-    counts_t = torch.tensor(counts, dtype=torch.float)
-    return counts_t.sum() / (len(counts) * counts_t)

@@ -30,4 +30,5 @@ class MeanProbabilities(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: Tensor) -> Tensor:
-        return mean_probabilities([m(x) for m in self.members])
+        # Each member's own calibration (`temperature`, 1 for a model without it) first.
+        return mean_probabilities([m(x) / getattr(m, "temperature", 1.0) for m in self.members])
