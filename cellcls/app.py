@@ -2,10 +2,13 @@
 
 Drop one or more images: the page shows each image's crop (what the model saw) beside its
 Grad-CAM heat map, the class probabilities of the first as bars, and a table of every image with
-a flag where the model is unsure (top probability below `unsure_below`), where no white cell was
-found, or where the file could not be read. Uploads are files read by `cellcls.load_classifier`,
-so a file that is not an image, or a decompression bomb, is refused by name (never decoded) and
-the page keeps serving. Gradio, offline (no analytics, no share link), on 127.0.0.1 by default.
+a flag where the model is unsure, where no white cell was found, or where the file could not be
+read. For a checkpoint calibrated on held-out cells, unsure is the API's `abstain` (below the
+confidence that gave that accuracy on those cells) and the table shows each image's conformal
+`set` at `coverage`; for one without, unsure is a top probability below `unsure_below`.
+Uploads are files read by `cellcls.load_classifier`, so a file that is not an image, or a
+decompression bomb, is refused by name (never decoded) and the page keeps serving. Gradio,
+offline (no analytics, no share link), on 127.0.0.1 by default.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.core.errors import CellclsError, is_whole, require, require_given
+from cellcls.core.errors import CellclsError, is_number, is_whole, require, require_given
 from cellcls.inference import BACKENDS, Classifier, Prediction, load_classifier
 from cellcls.run.cli import entry
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["file", "label", "probability", "flag"]
+COLUMNS = ["file", "label", "probability", "set", "flag"]
 
 
 def flag(result: Prediction, unsure_below: float) -> str:
@@ -33,7 +36,9 @@ def flag(result: Prediction, unsure_below: float) -> str:
     if result.error is not None:
         return f"not classified: {result.error}"
     words = []
-    if max(result.probabilities.values()) < unsure_below:
+    if result.unsure:
+        words.append("unsure (below the confidence of the asked accuracy on held-out cells)")
+    elif result.unsure is None and max(result.probabilities.values()) < unsure_below:
         words.append(f"unsure (top probability below {unsure_below:g})")
     if not result.cell_found:
         words.append("no white cell found: the centre was cropped")
@@ -65,33 +70,49 @@ def overlays(clf: Classifier, results: list[Prediction], files: list[str], gradc
 
 
 def classify(
-    clf: Classifier, files: list[str] | None, unsure_below: float, gradcam: bool
+    clf: Classifier, files: list[str] | None, doubt: dict[str, Any], gradcam: bool
 ) -> tuple[dict[str, float], list[list[Any]], list, str]:
-    """The page's outputs for the uploaded files: bars, table, gallery and a status line."""
+    """The page's outputs for the uploaded files: bars, table, gallery and a status line.
+    `doubt`: `unsure_below`, and `coverage` and `abstain` for a calibrated classifier."""
     if not files:
         return {}, [], [], "Drop one or more images, then press Classify."
     files = [str(f) for f in files]
-    results = clf.predict(files)
+    calibrated = {k: doubt[k] for k in ("coverage", "abstain")} if clf.trust else {}
+    results = clf.predict(files, **calibrated)
     rows = [
         [
             Path(f).name,
             r.label or "-",
             round(max(r.probabilities.values()), 3) if r.probabilities else None,
-            flag(r, unsure_below),
+            ", ".join(r.set) if r.set else "-",
+            flag(r, doubt["unsure_below"]),
         ]
         for f, r in zip(files, results, strict=True)
     ]
     first = next((r for r in results if r.error is None), None)
     bad = sum(r.error is not None for r in results)
-    unsure = sum(bool(row[3]) for row in rows) - bad
+    unsure = sum(bool(row[4]) for row in rows) - bad
     status = f"{len(results) - bad} classified, {unsure} flagged"
     status += f", {bad} could not be read (see the table)" if bad else ""
     bars = first.probabilities if first is not None else {}
     return bars, rows, overlays(clf, results, files, gradcam), status
 
 
-def build_app(clf: Classifier, unsure_below: float = 0.7, gradcam: bool = True):
+def build_app(
+    clf: Classifier,
+    unsure_below: float = 0.7,
+    gradcam: bool = True,
+    coverage: float = 0.95,
+    abstain: float = 0.95,
+):
     """The page as a `gradio.Blocks`; its API endpoint is `/classify` (gradio_client)."""
+    doubt = {"unsure_below": unsure_below, "coverage": coverage, "abstain": abstain}
+    why = (
+        f"flagged unsure below the confidence that gave accuracy {abstain:g} on held-out cells; "
+        f"each set holds the true class with probability {coverage:g}"
+        if clf.trust
+        else f"not calibrated: flagged when the top probability is below {unsure_below:g}"
+    )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -99,8 +120,7 @@ def build_app(clf: Classifier, unsure_below: float = 0.7, gradcam: bool = True):
         gr.Markdown(
             f"## cellcls: white-cell classes\nClasses: {', '.join(clf.classes)}. "
             f"Input {clf.image_size} px, crop {'none' if clf.crop is None else clf.crop}. "
-            "A research model, not a diagnostic "
-            f"device; flagged when the top probability is below {unsure_below:g}."
+            f"A research model, not a diagnostic device; {why}."
         )
         files = gr.File(label="images", file_count="multiple", type="filepath", elem_id="uploads")
         button = gr.Button("Classify", variant="primary")
@@ -112,7 +132,7 @@ def build_app(clf: Classifier, unsure_below: float = 0.7, gradcam: bool = True):
             headers=COLUMNS, label="every image", elem_id="table", interactive=False
         )
         button.click(
-            lambda f: classify(clf, f, unsure_below, gradcam),
+            lambda f: classify(clf, f, doubt, gradcam),
             inputs=files,
             outputs=[bars, table, gallery, status],
             api_name="classify",
@@ -125,6 +145,9 @@ def check(cfg: DictConfig) -> None:
     require(is_whole(cfg.port, 1) and cfg.port < 65536, "port", cfg.port, "a port, 1 to 65535")
     require(cfg.backend in BACKENDS, "backend", cfg.backend, " or ".join(BACKENDS))
     require(0 <= cfg.unsure_below <= 1, "unsure_below", cfg.unsure_below, "a probability")
+    for name in ("coverage", "abstain"):
+        ok = is_number(cfg[name]) and 0 < cfg[name] < 1
+        require(ok, name, cfg[name], "a level between 0 and 1 (exclusive), e.g. 0.95")
     require(isinstance(cfg.gradcam, bool), "gradcam", cfg.gradcam, "true or false")
     try:
         import gradio  # noqa: F401
@@ -137,7 +160,7 @@ def main(cfg: DictConfig) -> None:
     ckpt = cfg.ckpt_path
     ckpt = OmegaConf.to_container(ckpt) if OmegaConf.is_list(ckpt) else ckpt
     clf = load_classifier(ckpt, cfg.device, cfg.precision, cfg.backend)
-    app = build_app(clf, cfg.unsure_below, cfg.gradcam)
+    app = build_app(clf, cfg.unsure_below, cfg.gradcam, cfg.coverage, cfg.abstain)
     log.info("Serving %s on http://%s:%d (Ctrl-C stops it)", clf, cfg.host, cfg.port)
     app.launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True)
 

@@ -118,6 +118,7 @@ def load_exported(folder: str | Path) -> L.LightningModule:
         raise CellclsError(f"'{folder}' holds no {WEIGHTS} (made by python -m cellcls.export).")
     model: L.LightningModule = instantiate(exported_config(folder).model, _convert_="object")
     model.load_state_dict(load_file(folder / WEIGHTS))
+    model.trust = read_metadata(folder).get("trust")  # its calibration: not a weight
     return model
 
 

@@ -28,11 +28,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cellcls.core.errors import CellclsError
+from cellcls.core.errors import CellclsError, is_number
 from cellcls.core.hardware import auto_precision, reuse_freed_memory
 from cellcls.core.images import open_image
 from cellcls.data.decode import Cell, cpu_count, cut_cell, unreadable
 from cellcls.data.layout import find_images
+from cellcls.reports.trust import abstain_threshold, prediction_sets, set_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,20 @@ class Prediction:
     box: tuple[int, int, int, int] | None = None  # the crop: left, top, right, bottom (or None)
     cell_found: bool = True  # False: no white cell was found and the centre was cropped
     error: str | None = None
+    # With `coverage`: the classes that hold the true one at that level (conformal, on held-out
+    # cells); with `abstain`: whether the top probability is below the confidence that gave that
+    # accuracy on held-out cells. None where not asked.
+    set: tuple[str, ...] | None = None
+    unsure: bool | None = None
 
 
 class Classifier:
     """A model and the preprocessing it was trained with; `predict` is the whole pipeline.
 
     `run` maps a batch of preprocessed images (N x size x size x 3 uint8) to class
-    probabilities (N x classes); `model` is the torch module behind it (None for ONNX).
+    probabilities (N x classes, calibrated by the model's temperature); `model` is the torch
+    module behind it (None for ONNX); `trust` the held-out evidence of the checkpoint
+    (`cellcls.reports.trust`) that prediction sets and abstention are read from.
     """
 
     def __init__(
@@ -72,11 +80,12 @@ class Classifier:
         device: str = "cpu",
         model: torch.nn.Module | None = None,
         metadata: dict[str, Any] | None = None,
+        trust: dict[str, Any] | None = None,
     ) -> None:
         self.run, self.classes = run, list(classes)
         self.image_size, self.crop = image_size, crop
         self.backend, self.device, self.model = backend, device, model
-        self.metadata = metadata or {}
+        self.metadata, self.trust = metadata or {}, trust
 
     def __repr__(self) -> str:
         return (
@@ -116,14 +125,44 @@ class Classifier:
         batch_size: int = 64,
         tta: bool = False,
         progress: bool = False,
+        coverage: float | None = None,
+        mondrian: bool = False,
+        abstain: float | None = None,
     ) -> Prediction | list[Prediction]:
-        """One `Prediction` for one image; a list for a folder (its images, sorted) or a list."""
+        """One `Prediction` for one image; a list for a folder (its images, sorted) or a list.
+
+        `coverage` (0.9, 0.95): each result's `set` of classes, which holds the true class with
+        that probability for a new cell (class by class with `mondrian`); `abstain` (an
+        accuracy, 0.95): `unsure` marks the images whose top probability is below the one that
+        gave that accuracy on held-out cells. Both need a calibrated checkpoint (`trust`)."""
         single = not isinstance(images, list | tuple) and not (
             isinstance(images, str | Path) and Path(images).is_dir()
         )
+        doubt = self._doubt(coverage, mondrian, abstain, tta)
         items = self._expand(images)
-        results = [p for batch in self._batches(items, batch_size, tta, progress) for p in batch]
+        batches = self._batches(items, batch_size, tta, progress, doubt)
+        results = [p for batch in batches for p in batch]
         return results[0] if single else results
+
+    def _doubt(
+        self, coverage: float | None, mondrian: bool, abstain: float | None, tta: bool
+    ) -> tuple[np.ndarray | None, float | None]:
+        """The per-class set thresholds and the abstention threshold asked for (or None)."""
+        if coverage is None and abstain is None:
+            return None, None
+        for name, value in (("coverage", coverage), ("abstain", abstain)):
+            if value is not None and not (is_number(value) and 0 < value < 1):
+                raise CellclsError(f"{name}={value!r} is not accepted: give a level in (0, 1).")
+        if not self.trust:
+            raise CellclsError(
+                "coverage= and abstain= need a checkpoint calibrated on held-out cells, and this "
+                "one has none (an ensemble, an older checkpoint, or a run without "
+                "data.val_split=grouped): train it again, or leave them out."
+            )
+        if tta:
+            log.warning("tta: sets and abstention were calibrated without TTA; approximate.")
+        thresholds = None if coverage is None else set_thresholds(self.trust, coverage, mondrian)
+        return thresholds, None if abstain is None else abstain_threshold(self.trust, abstain)
 
     def _expand(self, images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
         if isinstance(images, list | tuple):
@@ -141,8 +180,14 @@ class Classifier:
         )
 
     def _batches(
-        self, items: list[ImageInput], batch_size: int, tta: bool, progress: bool
+        self,
+        items: list[ImageInput],
+        batch_size: int,
+        tta: bool,
+        progress: bool,
+        doubt: tuple[np.ndarray | None, float | None] = (None, None),
     ) -> Iterator[list[Prediction]]:
+        thresholds, confident = doubt
         bar = tqdm(total=len(items), desc="predicting", unit="img", disable=not progress)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -161,6 +206,10 @@ class Classifier:
                     out.append(Prediction(source, None, error=cell))
                     continue
                 p = next(row)
+                members = None
+                if thresholds is not None:
+                    member = prediction_sets(p[None], thresholds)[0]
+                    members = tuple(c for c, m in zip(self.classes, member, strict=True) if m)
                 out.append(
                     Prediction(
                         source,
@@ -168,6 +217,8 @@ class Classifier:
                         dict(zip(self.classes, map(float, p), strict=True)),
                         cell.box,
                         cell.found,
+                        set=members,
+                        unsure=None if confident is None else bool(p.max() < confident),
                     )
                 )
             bar.update(len(chunk))
@@ -295,4 +346,5 @@ def load_classifier(
         str(where),
         model,
         metadata,
+        metadata.get("trust") if folder is not None and folder.is_dir() else model.trust,
     )

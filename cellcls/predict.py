@@ -3,8 +3,10 @@
 works too, and `backend=onnx` runs its model.onnx).
 
 The Python API (`cellcls.load_classifier`) on a folder: writes `predictions.csv` (path,
-predicted class, one probability per class) in the run folder for every image that could be
-read, and `unreadable.csv` for those that could not: one bad file never stops the others.
+predicted class, one probability per class; with `coverage=0.95`, the `set` of classes at that
+level, and with `abstain=0.95`, `unsure` 1 or 0: docs/intervals.md, "Trust") in the run folder
+for every image that could be read, and `unreadable.csv` for those that could not: one bad file
+never stops the others.
 With `report.gradcam=true`, also `gradcam.png`: Grad-CAM heat maps of the most confident images
 of each predicted class.
 """
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.core.errors import CellclsError, is_whole, require, require_given
+from cellcls.core.errors import CellclsError, is_number, is_whole, require, require_given
 from cellcls.data.decode import list_unreadable, write_unreadable
 from cellcls.data.layout import find_images
 from cellcls.inference import AUTOCAST, BACKENDS, load_classifier
@@ -37,6 +39,11 @@ def check(cfg: DictConfig) -> None:
     require(cfg.backend in BACKENDS, "backend", cfg.backend, " or ".join(BACKENDS))
     precisions = ("auto", *AUTOCAST)
     require(cfg.precision in precisions, "precision", cfg.precision, ", ".join(precisions))
+    for name in ("coverage", "abstain"):
+        value = cfg[name]
+        ok = value is None or (is_number(value) and 0 < value < 1)
+        require(ok, name, value, "null or a level between 0 and 1 (exclusive), e.g. 0.95")
+    require(isinstance(cfg.mondrian, bool), "mondrian", cfg.mondrian, "true or false")
     report = cfg.report
     require(isinstance(report.gradcam, bool), "report.gradcam", report.gradcam, "true or false")
     per_class = report.gradcam_per_class
@@ -50,16 +57,28 @@ def predict(cfg: DictConfig, out: Path) -> None:
     ckpt = cfg.ckpt_path
     ckpt = OmegaConf.to_container(ckpt) if OmegaConf.is_list(ckpt) else ckpt
     clf = load_classifier(ckpt, cfg.device, cfg.precision, cfg.backend)
-    results = clf.predict(find_images(cfg.inputs), cfg.batch_size, cfg.tta, progress=True)
+    results = clf.predict(
+        find_images(cfg.inputs),
+        cfg.batch_size,
+        cfg.tta,
+        progress=True,
+        coverage=cfg.coverage,
+        mondrian=cfg.mondrian,
+        abstain=cfg.abstain,
+    )
     done = [r for r in results if r.error is None]
     bad = {r.source: r.error for r in results if r.error is not None}
     probs = np.array([[r.probabilities[c] for c in clf.classes] for r in done])
     paths = [r.source for r in done]
 
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(
-        out / "predictions.csv", paths, probs.reshape(-1, len(clf.classes)), clf.classes
-    )
+    extra = {}
+    if cfg.coverage is not None:  # the classes of each set, "|"-separated
+        extra["set"] = ["|".join(r.set) for r in done]
+    if cfg.abstain is not None:
+        extra["unsure"] = [int(r.unsure) for r in done]
+    probs = probs.reshape(-1, len(clf.classes))
+    write_predictions(out / "predictions.csv", paths, probs, clf.classes, extra=extra)
     log.info("Predictions for %d image(s): %s", len(done), out / "predictions.csv")
     if report.gradcam:
         if clf.model is None:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cellcls.core.errors import CellclsError, is_number, is_whole, require
 from cellcls.core.hardware import reuse_freed_memory, uses_cuda
+from cellcls.run.calibrate import calibrate_on_heldout
 from cellcls.run.checkpoint import restore
 from cellcls.run.cli import entry
 from cellcls.run.state import RngState, SaveConfig
@@ -146,6 +147,8 @@ def train(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not trainer.fast_dev_run:
+        calibrate_on_heldout(trainer, model, datamodule, best)
     if cfg.get("test"):
         if not best and not trainer.fast_dev_run:  # fast_dev_run saves no checkpoints
             log.warning("No best checkpoint was saved; testing the current weights.")

@@ -15,6 +15,7 @@ from cellcls import load_classifier
 from cellcls.core.errors import CellclsError
 from cellcls.export import export
 from cellcls.predict import predict as predict_cfg
+from cellcls.reports.trust import abstain_threshold, prediction_sets, set_thresholds
 from tests.conftest import CLASSES, best_checkpoint, compose_run
 
 
@@ -81,3 +82,44 @@ def test_onnx_export_matches_torch_and_carries_its_card(trained_run, tmp_path: P
         assert max(abs(a.probabilities[c] - b.probabilities[c]) for c in CLASSES) <= 1e-4
     with pytest.raises(CellclsError, match="backend=onnx runs an export folder"):
         load_classifier(ckpt, backend="onnx")
+
+
+@pytest.mark.slow
+def test_sets_and_abstention_in_the_api_predict_and_the_export(trained_run, tmp_path: Path) -> None:
+    run, _ = trained_run
+    ckpt = best_checkpoint(run)
+    files = images_of(run, tmp_path / "new", 12)
+    clf = load_classifier(ckpt, device="cpu")
+    trust = clf.trust
+    results = clf.predict(files, coverage=0.9, abstain=0.95)
+    confident = abstain_threshold(trust, 0.95)
+    for mondrian in (False, True):
+        thresholds = set_thresholds(trust, 0.9, mondrian)
+        for r in clf.predict(files, coverage=0.9, mondrian=mondrian):
+            p = np.array([[r.probabilities[c] for c in CLASSES]])
+            member = prediction_sets(p, thresholds)[0]
+            expected = [c for c, m in zip(CLASSES, member, strict=True) if m]
+            assert list(r.set) == expected and r.label in r.set and r.unsure is None
+    for r in results:
+        assert r.unsure == (max(r.probabilities.values()) < confident)
+    assert all(r.set is None and r.unsure is None for r in clf.predict(files[:2]))
+    # predict's CSV: the same sets and flags.
+    out = tmp_path / "predict"
+    args = [f"ckpt_path={ckpt}", f"inputs={tmp_path / 'new'}", "coverage=0.9", "abstain=0.95"]
+    predict_cfg(compose_run(args, out, "predict"), out)
+    rows = {r["path"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    for r in results:
+        assert rows[r.source]["set"] == "|".join(r.set)
+        assert rows[r.source]["unsure"] == str(int(r.unsure))
+    # An export carries the calibration: the same probabilities and sets.
+    exported = load_classifier(export(ckpt, tmp_path / "export"), device="cpu")
+    assert exported.trust == trust
+    for a, b in zip(results, exported.predict(files, coverage=0.9, abstain=0.95), strict=True):
+        assert a.set == b.set and a.unsure == b.unsure
+        assert max(abs(a.probabilities[c] - b.probabilities[c]) for c in CLASSES) <= 1e-6
+    # Refused by name: a bad level, and an ensemble (no held-out calibration of its own).
+    with pytest.raises(CellclsError, match="coverage=1.5 is not accepted"):
+        clf.predict(files[0], coverage=1.5)
+    ensemble = load_classifier([ckpt, run / "checkpoints" / "last.ckpt"], device="cpu")
+    with pytest.raises(CellclsError, match="need a checkpoint calibrated on held-out cells"):
+        ensemble.predict(files[0], abstain=0.9)

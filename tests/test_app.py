@@ -48,6 +48,10 @@ def test_flag_says_why_in_words() -> None:
         "unsure (top probability below 0.7); no white cell found: the centre was cropped"
     )
     assert flag(Prediction("b", None, error="not an image"), 0.7) == "not classified: not an image"
+    # A calibrated classifier's own abstention decides, not the fixed threshold.
+    calibrated = Prediction("a.png", "MONOCYTE", {"MONOCYTE": 0.9}, unsure=True)
+    assert flag(calibrated, 0.7).startswith("unsure (below the confidence of the asked accuracy")
+    assert flag(Prediction("a.png", "MONOCYTE", {"MONOCYTE": 0.5}, unsure=False), 0.7) == ""
 
 
 @pytest.mark.slow
@@ -60,16 +64,18 @@ def test_page_api_classifies_and_survives_bad_uploads(served, tmp_path: Path) ->
     client = Client(url, verbose=False)
     files = [handle_file(str(p)) for p in (images[0], tmp_path / "notes.png", bomb)]
     bars, table, gallery, status = client.predict(files, api_name="/classify")
-    expected = clf.predict(images[0])
+    assert clf.trust  # the shared run's checkpoint is calibrated: sets and abstention show
+    expected = clf.predict(images[0], coverage=0.95, abstain=0.95)
     assert bars["label"] == expected.label in CLASSES
     rows = {row[0]: row for row in table["data"]}
     assert rows["cell0.png"][1] == expected.label
     assert abs(rows["cell0.png"][2] - round(max(expected.probabilities.values()), 3)) < 1e-9
-    assert "not an image" in rows["notes.png"][3] and rows["notes.png"][1] == "-"
-    assert "megapixels, over the limit" in rows["bomb.png"][3]
-    assert status == "1 classified, 0 flagged, 2 could not be read (see the table)" or (
-        status == "1 classified, 1 flagged, 2 could not be read (see the table)"
-    )
+    assert rows["cell0.png"][3] == ", ".join(expected.set)
+    assert rows["cell0.png"][4].startswith("unsure") == expected.unsure
+    assert "not an image" in rows["notes.png"][4] and rows["notes.png"][1] == "-"
+    assert "megapixels, over the limit" in rows["bomb.png"][4]
+    flagged = int(bool(rows["cell0.png"][4]))
+    assert status == f"1 classified, {flagged} flagged, 2 could not be read (see the table)"
     assert len(gallery) == 1  # the crop and its Grad-CAM map, of the one image read
     # Still serving after the bad files.
     again = client.predict([handle_file(str(images[1]))], api_name="/classify")

@@ -56,6 +56,11 @@ def test_eval_reproduces_train_test_accuracy(trained_run, tmp_path, synthetic_ca
     assert evaluated["split"] == "TEST" and evaluated["n_images"] == trained["n_images"]
     assert evaluated["checkpoint"] == str(best_checkpoint(run))
     assert "balanced accuracy" in result.stderr + result.stdout  # the console table
+    # The checkpoint carries its calibration: eval applies it and gives the same sets.
+    assert evaluated["trust"]["temperature"] == trained["trust"]["temperature"]
+    for level, figures in trained["trust"]["conformal"].items():
+        assert evaluated["trust"]["conformal"][level]["coverage"] == figures["coverage"]
+        assert evaluated["trust"]["conformal"][level]["mean_set_size"] == figures["mean_set_size"]
 
 
 @pytest.mark.slow

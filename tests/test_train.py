@@ -37,6 +37,28 @@ def test_train_learns_and_writes_outputs(trained_run) -> None:
 
 
 @pytest.mark.slow
+def test_train_calibrates_the_best_checkpoint_on_heldout_cells(trained_run) -> None:
+    run, _ = trained_run
+    report = json.loads((run / "metrics.json").read_text())
+    ckpt = torch.load(report["checkpoint"], map_location="cpu", weights_only=True)
+    trust = ckpt["trust"]
+    assert trust["temperature"] == report["trust"]["temperature"] > 0
+    assert trust["n_cells"] == len(trust["cell_scores"]) == len(trust["cell_labels"]) > 0
+    assert trust["n_images"] == len(trust["confidence"]) >= trust["n_cells"]
+    trust_report = report["trust"]
+    assert set(trust_report["conformal"]) == {"0.9", "0.9 mondrian", "0.95", "0.95 mondrian"}
+    for level in trust_report["conformal"].values():
+        assert 0 <= level["coverage"] <= 1 and 1 <= level["mean_set_size"] <= 4
+        lo, hi = level["coverage_ci95"]
+        assert lo <= level["coverage"] <= hi
+        assert set(level["per_class_coverage"]) == set(ckpt["hyper_parameters"]["classes"])
+    assert set(trust_report["abstain"]) == {"0.95"}
+    assert 0 <= trust_report["aurc"] <= 1
+    with Image.open(run / "risk_coverage.png") as im:
+        im.verify()
+
+
+@pytest.mark.slow
 def test_refit_trains_on_all_of_train_and_tests_the_last_epoch(in_tmp: Path) -> None:
     run = in_tmp / "run"
     args = [*FAST, "data.n_train=8", "data.n_test=3", "data.image_size=32"]

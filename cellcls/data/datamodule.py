@@ -111,6 +111,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.decode = DecodeImage(image_size, crop)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.val_groups: list[str] | None = None  # set by a grouped split
         self.test_set: Dataset | None = None
         # Unreadable image files left out with data.skip_bad_images=true: path -> reason.
         self.skipped: dict[str, str] = {}
@@ -328,6 +329,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
         name = self._name(hp.train_split)
         train_groups = {ids[i] for i in train}
+        self.val_groups = [ids[i] for i in val]  # in val_set's order: calibration's cells
         self.summary = {  # for the model card (cellcls.run.state.SaveConfig keeps it)
             "split": name,
             "train_images": len(train),

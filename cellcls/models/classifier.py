@@ -122,7 +122,7 @@ class CellClassifier(L.LightningModule):
         self.augment = augment
         self.mix = mix
         self.tta = False
-        # What held-out cells taught of its probabilities (cellcls.models.trust): the temperature,
+        # What held-out cells taught of its probabilities (cellcls.reports.trust): the temperature,
         # the conformal scores, the abstention evidence. Set after fitting; kept in checkpoints.
         self.trust: dict[str, Any] | None = None
         self.classes = list(classes)
@@ -241,6 +241,7 @@ class CellClassifier(L.LightningModule):
             checkpoint["trust"] = self.trust
 
     def on_fit_start(self) -> None:
+        self.trust = None  # the weights change: a calibration of the old ones no longer holds
         finetune = self.backbone_lr_scale != 1 or self.freeze_backbone_epochs
         if finetune and self.hparams.normalization == "data":
             log.warning(

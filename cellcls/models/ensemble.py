@@ -30,5 +30,8 @@ class MeanProbabilities(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Each member's own calibration (`temperature`, 1 for a model without it) first.
-        return mean_probabilities([m(x) / getattr(m, "temperature", 1.0) for m in self.members])
+        # Each member's own calibration (`temperature`, 1 for a model without it) first, in float32
+        # as `CellClassifier.probabilities` does.
+        return mean_probabilities(
+            [m(x).float() / getattr(m, "temperature", 1.0) for m in self.members]
+        )

@@ -89,10 +89,33 @@ def metadata(
         "checkpoint": str(ckpt_path),
         "epoch": checkpoint.get("epoch"),
         "val_accuracy": checkpoint_score(checkpoint),
-        "test": {k: test[k] for k in TEST_KEYS if k in test} | per_class(test) if test else None,
+        "test": (
+            {k: test[k] for k in TEST_KEYS if k in test} | per_class(test) | test_trust(test)
+            if test
+            else None
+        ),
         "cv": {k: cv[k] for k in CV_KEYS if k in cv} if cv else None,
         "run": {k: record.get(k) for k in ("command", "date", "git_commit", "machine")},
         "limits": list(LIMITS),
+        # Held-out evidence for calibrated probabilities, prediction sets and abstention
+        # (cellcls.reports.trust): the API reads it from here for an export.
+        "trust": checkpoint.get("trust"),
+    }
+
+
+def test_trust(test: dict[str, Any]) -> dict[str, Any]:
+    """The test report's calibration and conformal figures, without the per-class detail."""
+    trust = test.get("trust")
+    if not trust:
+        return {}
+    keep = ("coverage", "coverage_ci95", "mean_set_size", "mean_set_size_ci95")
+    conformal = {level: {k: v[k] for k in keep} for level, v in trust.get("conformal", {}).items()}
+    return {
+        "temperature": trust["temperature"],
+        "calibration_error_uncalibrated": trust["calibration_error_uncalibrated"],
+        "calibration_error_uncalibrated_ci95": trust["calibration_error_uncalibrated_ci95"],
+        "calibration_error_ci95": trust["calibration_error_ci95"],
+        "conformal": conformal,
     }
 
 
@@ -146,6 +169,20 @@ def card(meta: dict[str, Any]) -> str:
             f"{interval(test['balanced_accuracy'], test.get('balanced_accuracy_ci95'))}; "
             f"calibration error (ECE) {test['calibration_error']:.3f}."
         )
+        if "temperature" in test:
+            ece = interval(test["calibration_error"], test["calibration_error_ci95"])
+            raw = test["calibration_error_uncalibrated"]
+            raw = interval(raw, test["calibration_error_uncalibrated_ci95"])
+            lines.append(
+                f"- Calibrated: probabilities use temperature {test['temperature']:.3f}, fitted "
+                f"on the validation cells; ECE on {test['split']} {ece} (before: {raw})."
+            )
+            for level, v in test["conformal"].items():
+                lines.append(
+                    f"- Prediction sets at {level}: coverage on {test['split']} "
+                    f"{interval(v['coverage'], v['coverage_ci95'])}, mean size "
+                    f"{interval(v['mean_set_size'], v['mean_set_size_ci95'])} classes."
+                )
         lines += ["", "| class | recall | images |", "|---|---|---|"]
         lines += [
             f"| {c} | {r['recall']:.3f} | {r['support']} |"

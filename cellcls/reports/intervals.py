@@ -97,7 +97,7 @@ def _prepare(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Any]]:
     """Each group's correct images per class, its images per class, its class, and the names."""
     codes, names = _encode(labels, classes)
-    correct = np.asarray(correct, dtype=bool).reshape(-1)
+    correct = np.asarray(correct, dtype=np.float64).reshape(-1)
     if len(correct) != len(codes):
         raise ValueError(f"{len(correct)} outcomes for {len(codes)} labels")
     k = len(names)
@@ -117,7 +117,8 @@ def cluster_bootstrap(
     """Percentile 95% intervals of accuracy and balanced accuracy over source groups.
 
     `correct`, `labels` and `groups` hold one value per image (whether it was predicted right, its
-    true class, its source group). Integer labels index `classes` (their names or number; None:
+    true class, its source group); `correct` may hold any number per image (a set's size): the
+    figures are then its means. Integer labels index `classes` (their names or number; None:
     0..max); other labels are names. Groups are resampled with replacement within their class
     (module docstring). Returns `accuracy`, `balanced_accuracy` (the point estimates, on all
     images), `accuracy_ci95`, `balanced_accuracy_ci95` ([low, high]), `per_class_ci95` (class ->
@@ -144,6 +145,20 @@ def cluster_bootstrap(
         "n_groups": len(group_class),
         "n_resamples": n,
     }
+
+
+def group_weights(
+    labels: Sequence[Any] | np.ndarray,
+    groups: Sequence[Any] | np.ndarray,
+    n: int = N_RESAMPLES,
+    seed: int = SEED,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's group index, and (n + 1, G) how often each resample draws each group (row 0:
+    every group once), drawn as `cluster_bootstrap` draws them: for figures it does not compute."""
+    codes, names = _encode(labels, None)
+    _, inverse, counts = _tables(codes, groups, len(names))
+    w = np.vstack([np.ones(len(counts)), _weights(counts.argmax(1), len(names), n, seed)])
+    return inverse, w
 
 
 def paired_bootstrap(

@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torchmetrics.classification import MulticlassCalibrationError
 
 from cellcls.reports.intervals import cells_mostly_right, cluster_bootstrap, per_group
 from cellcls.reports.plots import plot_confusion, plot_errors, plot_reliability
-
-N_BINS = 15  # of the calibration error and the reliability diagram
+from cellcls.reports.trust_figures import N_BINS, calibration_error, trust_figures
 
 
 def classification_metrics(
@@ -58,17 +55,6 @@ def classification_metrics(
         },
         "confusion_matrix": cm.tolist(),
     }
-
-
-def calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS) -> float:
-    """Expected calibration error (ECE): over `n_bins` equal-width bins of the top probability,
-    the image-weighted mean gap |accuracy - mean confidence| (torchmetrics'
-    `MulticlassCalibrationError`, norm "l1"). 0.0 without images."""
-    if not len(labels):
-        return 0.0
-    metric = MulticlassCalibrationError(probs.shape[1], n_bins=n_bins, norm="l1")
-    value = metric(torch.as_tensor(np.asarray(probs)), torch.as_tensor(np.asarray(labels)).long())
-    return float(value)
 
 
 def reliability_bins(
@@ -114,6 +100,25 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             else ""
         )
     )
+    trust = metrics.get("trust") or {}
+    if "calibration_error_uncalibrated" in trust:
+        lines.append(
+            f"temperature {trust['temperature']:.3f} (fitted on held-out cells): ECE "
+            f"{trust['calibration_error_uncalibrated']:.4f} -> {ece:.4f}"
+        )
+    for level, row in (trust.get("conformal") or {}).items():
+        if "mondrian" not in level:
+            span = f" {interval(row['coverage_ci95'])}" if "coverage_ci95" in row else ""
+            lines.append(
+                f"sets at {level}: coverage {row['coverage']:.3f}{span}, mean size "
+                f"{row['mean_set_size']:.2f} classes"
+            )
+    for level, row in (trust.get("abstain") or {}).items():
+        kept = f"{row['accuracy']:.3f}" if row["accuracy"] is not None else "-"
+        lines.append(
+            f"abstain below {row['threshold']:.3f} (held-out accuracy {level}): keeps "
+            f"{row['coverage']:.3f} of the images, accuracy {kept} on them"
+        )
     return "\n".join(lines)
 
 
@@ -148,10 +153,19 @@ def write_report(
     probs: np.ndarray,
     classes: Sequence[str],
     groups: Sequence[Any] | None = None,
+    evidence: dict[str, Any] | None = None,
+    coverage: Sequence[float] = (),
+    abstain: Sequence[float] = (),
     **info: Any,
 ) -> dict[str, Any]:
-    """Write metrics.json, predictions.csv, confusion_matrix.{csv,png}, errors.png and
-    reliability.png; with `groups` (each image's source group) also per_group.csv.
+    """Write metrics.json, predictions.csv, confusion_matrix.{csv,png}, errors.png,
+    reliability.png and risk_coverage.png; with `groups` (each image's source group) also
+    per_group.csv.
+
+    metrics.json's `trust` holds the figures of `cellcls.reports.trust_figures`: with the
+    checkpoint's held-out `evidence`, the calibration error before and after its temperature,
+    conformal coverage and set size at each level of `coverage`, abstention at each accuracy of
+    `abstain`.
 
     With groups, metrics.json gains the 95% intervals over source cells (`accuracy_ci95`,
     `balanced_accuracy_ci95`, `n_groups`: `cellcls.reports.intervals.cluster_bootstrap`) and
@@ -167,6 +181,9 @@ def write_report(
             writer = csv.DictWriter(f, ["group", "class", "images", "accuracy"])
             writer.writeheader()
             writer.writerows(r | {"accuracy": f"{r['accuracy']:.6f}"} for r in rows)
+    metrics["trust"] = trust_figures(
+        labels, probs, classes, groups, evidence, coverage, abstain, out
+    )
     metrics |= info
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions(out / "predictions.csv", paths, probs, classes, labels, groups)
@@ -189,14 +206,17 @@ def write_predictions(
     classes: Sequence[str],
     labels: np.ndarray | None = None,
     groups: Sequence[Any] | None = None,
+    extra: dict[str, Sequence[Any]] | None = None,
 ) -> None:
     """predictions.csv: path, [label,] predicted class, one probability column per class [and
-    the image's source group].
+    the image's source group] [and `extra` columns: predict's `set` and `unsure`].
 
     eval writes the true label too; predict, on images without one, leaves that column out. The
-    group (when the test report knows it) comes last, so readers of the columns before it are
-    unchanged; `cellcls.compare` pairs two runs' images by path and resamples them by group.
+    group (when the test report knows it) comes after the probabilities, so readers of the
+    columns before it are unchanged; `cellcls.compare` pairs two runs' images by path and
+    resamples them by group.
     """
+    extra = extra or {}
     preds = probs.argmax(1)
     with file.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -207,9 +227,11 @@ def write_predictions(
                 "pred",
                 *classes,
                 *(["group"] if groups is not None else []),
+                *extra,
             ]
         )
         for i, (path, p, row) in enumerate(zip(paths, preds, probs, strict=True)):
             label = [classes[labels[i]]] if labels is not None else []
             group = [groups[i]] if groups is not None else []
-            writer.writerow([path, *label, classes[p], *(f"{v:.6f}" for v in row), *group])
+            more = [column[i] for column in extra.values()]
+            writer.writerow([path, *label, classes[p], *(f"{v:.6f}" for v in row), *group, *more])

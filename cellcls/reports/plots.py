@@ -120,6 +120,26 @@ def plot_reliability(bins: Mapping[str, np.ndarray], ece: float, path: Path) -> 
     fig.savefig(path, dpi=100)
 
 
+def plot_risk_coverage(coverage: np.ndarray, risk: np.ndarray, path: Path) -> None:
+    """Selective prediction: the error rate of the images kept (most confident first) against
+    the share kept; the area under it (AURC) is in the title. Dropping the least confident
+    images should lower the line towards the left."""
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(coverage, risk, color="tab:blue")
+    ax.axhline(risk[-1] if len(risk) else 0, ls="--", color="grey", label="keeping every image")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, max(float(risk.max(initial=0)) * 1.1, 0.05)),
+        xlabel="coverage (share of images kept, most confident first)",
+        ylabel="risk (error rate of those kept)",
+        title=f"risk-coverage (AURC {float(risk.mean()) if len(risk) else 0:.4f})",
+    )
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+
+
 def plot_curves(history: Sequence[Mapping[str, float]], path: str | Path) -> None:
     """Loss and accuracy per epoch for train and val, from one dict of metrics per epoch."""
     fig = Figure(figsize=(10, 4), layout="constrained")

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from cellcls.core.errors import is_whole, require
+from cellcls.core.errors import is_number, is_whole, require
 from cellcls.core.hardware import synchronize
 from cellcls.reports.gradcam import write_gradcam
 from cellcls.reports.metrics import format_table, write_report
@@ -137,6 +137,10 @@ class TestReport(L.Callback):
     A datamodule with `report_groups(paths)` (the source group of each test image) gets 95%
     intervals over source cells in the report, and `per_group.csv`; its errors are not caught.
 
+    A model calibrated on held-out cells (its `trust`, `cellcls.run.calibrate`) gets conformal
+    coverage and set size at each level of `coverage` and abstention at each accuracy of
+    `abstain` in metrics.json's `trust` (`cellcls.reports.trust_figures`).
+
     With `gradcam` (`report.gradcam=true`), also `gradcam.png` (`cellcls.reports.gradcam`): the
     most confident errors and `gradcam_per_class` correct images per class, read from the
     datamodule's `test_set` (in `test_paths`' order), each with its heat map. Only they go
@@ -149,8 +153,15 @@ class TestReport(L.Callback):
         checkpoint: str | Sequence[str] | None = None,
         gradcam: bool = False,
         gradcam_per_class: int = 3,
+        coverage: Sequence[float] = (0.9, 0.95),
+        abstain: Sequence[float] = (0.95,),
     ) -> None:
         require(isinstance(gradcam, bool), "report.gradcam", gradcam, "true or false")
+        for name, levels in (("report.coverage", coverage), ("report.abstain", abstain)):
+            ok = isinstance(levels, Sequence) and not isinstance(levels, str)
+            ok = ok and all(is_number(v) and 0 < v < 1 for v in levels)
+            require(ok, name, levels, "a list of numbers between 0 and 1 (exclusive): [0.9, 0.95]")
+        self.coverage, self.abstain = [float(v) for v in coverage], [float(v) for v in abstain]
         ok = is_whole(gradcam_per_class, 1)
         require(ok, "report.gradcam_per_class", gradcam_per_class, "an integer >= 1")
         self.out_dir = Path(out_dir)
@@ -206,6 +217,9 @@ class TestReport(L.Callback):
             probs[:n].numpy(),
             pl_module.classes,
             groups=report_groups(paths[:n]) if report_groups is not None else None,
+            evidence=getattr(pl_module, "trust", None),
+            coverage=self.coverage,
+            abstain=self.abstain,
             n_split=len(paths),
             split=dm.hparams.split,
             val_split=val_split(dm.hparams),  # what chose val/* and the checkpoint
