@@ -159,7 +159,7 @@ def check(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     ckpt = cfg.ckpt_path
     ckpt = OmegaConf.to_container(ckpt) if OmegaConf.is_list(ckpt) else ckpt
-    clf = load_classifier(ckpt, cfg.device, cfg.precision, cfg.backend)
+    clf = load_classifier(ckpt, cfg.device, cfg.precision, cfg.backend, cfg.conformal)
     app = build_app(clf, cfg.unsure_below, cfg.gradcam, cfg.coverage, cfg.abstain)
     log.info("Serving %s on http://%s:%d (Ctrl-C stops it)", clf, cfg.host, cfg.port)
     app.launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True)

@@ -34,6 +34,7 @@ from cellcls.core.errors import CellclsError, is_whole, require
 from cellcls.data.splits import HOLDOUT
 from cellcls.reports.metrics import grouped_metrics, interval, reliability_bins
 from cellcls.reports.plots import plot_confusion, plot_reliability
+from cellcls.reports.trust import heldout_evidence
 from cellcls.run.callbacks import TestReport
 from cellcls.run.checkpoint import restore
 from cellcls.run.cli import entry
@@ -41,6 +42,7 @@ from cellcls.train import train
 
 log = logging.getLogger(__name__)
 DONE = "fold.json"  # written into a fold's folder once its model and OOF predictions are final
+CONFORMAL = "conformal.json"  # beside cv_metrics.json: the pooled out-of-fold trust evidence
 
 
 def fold_config(cfg: DictConfig, fold: int, out: Path) -> DictConfig:
@@ -56,13 +58,22 @@ def fold_config(cfg: DictConfig, fold: int, out: Path) -> DictConfig:
     return fold_cfg
 
 
-def score(cfg: DictConfig, ckpt: str | Sequence[str], split: str, out: Path) -> dict[str, Any]:
+def score(
+    cfg: DictConfig,
+    ckpt: str | Sequence[str],
+    split: str,
+    out: Path,
+    trust: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Test checkpoint `ckpt` (a list: their ensemble) on `split` (`val`: the fold's held-out
-    cells) with the test report into `out`; returns the report's metrics.json."""
+    cells) with the test report into `out`; returns the report's metrics.json. `trust`: the
+    held-out evidence its sets and abstention are read from (the ensemble's: conformal.json)."""
     scored = copy.deepcopy(cfg)
     with open_dict(scored):
         scored.data.split = split
     restored = restore(ckpt, scored, ensemble=True)
+    if trust is not None:
+        restored.model.trust = trust
     gradcam = cfg.get("report") or {}
     report = TestReport(out, checkpoint=ckpt, **gradcam)  # report.gradcam: also gradcam.png
     trainer: L.Trainer = instantiate(
@@ -123,6 +134,18 @@ def pool_oof(out: Path, folds: int, classes: Sequence[str]) -> list[dict[str, An
     return rows
 
 
+def oof_evidence(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict[str, Any]:
+    """conformal.json: the held-out evidence (`cellcls.reports.trust`) of the pooled
+    out-of-fold predictions, one score per TRAIN cell. Each fold's probabilities carry its own
+    temperature already, so none is fitted again (1.0). It calibrates the fold ensemble's sets
+    and abstention on TEST, and any model given it (predict's `conformal=`)."""
+    labels = np.array([classes.index(r["label"]) for r in rows])
+    probs = np.array([[r[c] for c in classes] for r in rows])
+    groups = np.array([r["group"] for r in rows])
+    fitted_on = "out-of-fold predictions of cellcls.cv (every cell held out by one fold)"
+    return heldout_evidence(probs, labels, groups, classes, temperature=1.0, fitted_on=fitted_on)
+
+
 def write_oof(out: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict:
     """oof_predictions.csv, its metrics with an interval over cells, and its two plots."""
     with (out / "oof_predictions.csv").open("w", newline="") as f:
@@ -181,7 +204,10 @@ def cross_validate(cfg: DictConfig, train_missing: bool = True) -> dict[str, Any
             f"(-m data.fold={','.join(map(str, missing))}) or drop -m to train them here"
         )
     records = [run_fold(cfg, fold, out) for fold in range(cfg.data.folds)]
-    oof = write_oof(out, pool_oof(out, cfg.data.folds, classes), classes)
+    rows = pool_oof(out, cfg.data.folds, classes)
+    oof = write_oof(out, rows, classes)
+    conformal = oof_evidence(rows, classes)
+    (out / CONFORMAL).write_text(json.dumps(conformal) + "\n")
     result: dict[str, Any] = {
         "folds": cfg.data.folds,
         "n_images": oof["n_images"],
@@ -196,9 +222,14 @@ def cross_validate(cfg: DictConfig, train_missing: bool = True) -> dict[str, Any
     }
     if cfg.get("test"):
         ckpts = result["checkpoints"]
-        ensemble = score(cfg, ckpts, cfg.data.split, out / "test_ensemble")
+        ensemble = score(cfg, ckpts, cfg.data.split, out / "test_ensemble", conformal)
         result["test_ensemble_accuracy"] = ensemble["accuracy"]
         result["test_ensemble_accuracy_ci95"] = ensemble.get("accuracy_ci95")
+        sets = ensemble.get("trust", {}).get("conformal", {})
+        result["test_ensemble_conformal"] = {
+            level: {k: v for k, v in row.items() if k != "per_class_coverage"}
+            for level, row in sets.items()
+        }
         result["test_fold_accuracy"] = [
             score(cfg, c, cfg.data.split, out / f"fold_{i}" / "test")["accuracy"]
             for i, c in enumerate(ckpts)

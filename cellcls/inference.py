@@ -15,6 +15,7 @@ the resize); the network scales and normalises its uint8 input itself (in the ON
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -299,12 +300,16 @@ def load_classifier(
     device: str = "auto",
     precision: str = "auto",
     backend: str = "torch",
+    conformal: str | Path | None = None,
 ) -> Classifier:
     """The classifier in a checkpoint (a list of them: their ensemble) or an export folder.
 
     `device` (auto, cpu, cuda, cuda:1) and `precision` (auto: bf16 where the hardware has it, as
     in training; or 32-true, bf16-mixed, 16-mixed) apply to the torch backend; `backend="onnx"`
     runs an export's model.onnx in onnxruntime (float32, on the GPU where onnxruntime-gpu is).
+    `conformal`: a `cellcls.cv` run's conformal.json, whose out-of-fold cells then calibrate the
+    prediction sets and abstention instead of the checkpoint's own held-out cells (the fold
+    ensemble's, or a refit's); the probabilities keep the model's own temperature.
     """
     from cellcls.export import ONNX, WEIGHTS, exported_config, load_exported, read_metadata
     from cellcls.run.checkpoint import restore
@@ -337,6 +342,14 @@ def load_classifier(
         config, metadata, model = restored.config, {}, restored.model
         run = torch_runner(model, where, precision)
     data = config.data
+    trust = metadata.get("trust") if model is None else getattr(model, "trust", None)
+    if conformal is not None:
+        trust = read_trust(conformal)
+        if trust["classes"] != list(data.classes):
+            raise CellclsError(
+                f"conformal={conformal} is of classes {trust['classes']}, the model of "
+                f"{list(data.classes)}."
+            )
     return Classifier(
         run,
         list(data.classes),
@@ -346,5 +359,18 @@ def load_classifier(
         str(where),
         model,
         metadata,
-        metadata.get("trust") if folder is not None and folder.is_dir() else model.trust,
+        trust,
     )
+
+
+def read_trust(file: str | Path) -> dict[str, Any]:
+    """A conformal.json of `cellcls.cv` (held-out evidence, `cellcls.reports.trust`)."""
+    path = Path(file).expanduser()
+    try:
+        trust = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CellclsError(f"conformal={path}: not a readable conformal.json ({err}).") from None
+    needed = ("classes", "cell_scores", "cell_labels", "confidence", "correct")
+    if not isinstance(trust, dict) or any(k not in trust for k in needed):
+        raise CellclsError(f"conformal={path} is not a conformal.json written by cellcls.cv.")
+    return trust

@@ -56,7 +56,7 @@ def predict(cfg: DictConfig, out: Path) -> None:
     report = cfg.report
     ckpt = cfg.ckpt_path
     ckpt = OmegaConf.to_container(ckpt) if OmegaConf.is_list(ckpt) else ckpt
-    clf = load_classifier(ckpt, cfg.device, cfg.precision, cfg.backend)
+    clf = load_classifier(ckpt, cfg.device, cfg.precision, cfg.backend, cfg.conformal)
     results = clf.predict(
         find_images(cfg.inputs),
         cfg.batch_size,

@@ -117,6 +117,15 @@ def test_sets_and_abstention_in_the_api_predict_and_the_export(trained_run, tmp_
     for a, b in zip(results, exported.predict(files, coverage=0.9, abstain=0.95), strict=True):
         assert a.set == b.set and a.unsure == b.unsure
         assert max(abs(a.probabilities[c] - b.probabilities[c]) for c in CLASSES) <= 1e-6
+    # A cv's conformal.json replaces the checkpoint's evidence for sets, not its temperature.
+    file = tmp_path / "conformal.json"
+    file.write_text(json.dumps(trust | {"cell_scores": [0.0] * trust["n_cells"]}))
+    tight = load_classifier(ckpt, device="cpu", conformal=file).predict(files, coverage=0.9)
+    for a, b in zip(results, tight, strict=True):
+        assert b.set == (b.label,) and a.probabilities == b.probabilities
+    file.write_text("{}")
+    with pytest.raises(CellclsError, match="is not a conformal.json written by cellcls.cv"):
+        load_classifier(ckpt, device="cpu", conformal=file)
     # Refused by name: a bad level, and an ensemble (no held-out calibration of its own).
     with pytest.raises(CellclsError, match="coverage=1.5 is not accepted"):
         clf.predict(files[0], coverage=1.5)

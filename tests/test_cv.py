@@ -108,6 +108,14 @@ def test_cv_pools_out_of_fold_and_tests_the_fold_ensemble(in_tmp: Path) -> None:
     for name in ("oof_confusion_matrix.png", "oof_reliability.png", "cv.md"):
         assert (out / name).is_file(), name
     assert "pooled out of fold" in (out / "cv.md").read_text()
+    # conformal.json: one score per TRAIN cell from the pooled OOF predictions; it calibrates
+    # the fold ensemble's sets on TEST.
+    conformal = json.loads((out / "conformal.json").read_text())
+    assert conformal["n_cells"] == saved["n_groups"] == len(conformal["cell_scores"])
+    assert conformal["n_images"] == 32 and conformal["temperature"] == 1.0
+    assert set(saved["test_ensemble_conformal"]) == {"0.9", "0.9 mondrian", "0.95", "0.95 mondrian"}
+    ensemble = json.loads((out / "test_ensemble" / "metrics.json").read_text())
+    assert ensemble["trust"]["fitted_on"].startswith("out-of-fold predictions of cellcls.cv")
 
     # Interrupted after fold 0: a second run keeps it and trains fold 1 again.
     kept = (out / "fold_0" / "fold.json").stat().st_mtime_ns

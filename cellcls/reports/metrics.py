@@ -115,8 +115,9 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             )
     for level, row in (trust.get("abstain") or {}).items():
         kept = f"{row['accuracy']:.3f}" if row["accuracy"] is not None else "-"
+        below = f"{row['threshold']:.3f}" if row["threshold"] is not None else "any confidence"
         lines.append(
-            f"abstain below {row['threshold']:.3f} (held-out accuracy {level}): keeps "
+            f"abstain below {below} (held-out accuracy {level}): keeps "
             f"{row['coverage']:.3f} of the images, accuracy {kept} on them"
         )
     return "\n".join(lines)

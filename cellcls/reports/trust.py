@@ -91,17 +91,21 @@ def heldout_evidence(
     groups: Sequence[Any] | np.ndarray,
     classes: Sequence[str],
     seed: int = SEED,
+    temperature: float | None = None,
+    fitted_on: str = "grouped validation (cells no training image came from)",
 ) -> dict[str, Any]:
     """The record the checkpoint keeps (module docstring): plain values, so it loads with
-    `weights_only=True` and goes into metadata.json as it is."""
+    `weights_only=True` and goes into metadata.json as it is. A given `temperature` is kept
+    instead of fitted (1.0 for probabilities calibrated already, as `cellcls.cv`'s are)."""
     labels = np.asarray(labels)
-    temperature = fit_temperature(probs, labels)
+    if temperature is None:
+        temperature = fit_temperature(probs, labels)
     p = scale(probs, temperature)
     picked = one_per_group(groups, seed)
     right = p.argmax(1) == labels
     return {
         "temperature": round(temperature, 6),
-        "fitted_on": "grouped validation (cells no training image came from)",
+        "fitted_on": fitted_on,
         "classes": list(classes),
         "n_images": len(labels),
         "n_cells": len(picked),

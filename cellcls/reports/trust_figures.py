@@ -119,7 +119,9 @@ def trust_figures(
     for accuracy in abstain:
         threshold = abstain_threshold(evidence, accuracy)
         keep = confidence >= threshold
-        row = {"threshold": threshold, "coverage": float(keep.mean())}
+        # None: no confidence gave that accuracy on the held-out cells (every image unsure).
+        row = {"threshold": threshold if threshold < np.inf else None}
+        row["coverage"] = float(keep.mean())
         row["accuracy"] = float(right[keep].mean()) if keep.any() else None
         if groups is not None:
             _, row["coverage_ci95"], _ = share(keep, labels, groups, classes)
