@@ -4,7 +4,7 @@ works too, and `backend=onnx` runs its model.onnx).
 
 The Python API (`cellcls.load_classifier`) on a folder: writes `predictions.csv` (path,
 predicted class, one probability per class; with `coverage=0.95`, the `set` of classes at that
-level, and with `abstain=0.95`, `unsure` 1 or 0: docs/intervals.md, "Trust") in the run folder
+level, and with `abstain=0.95`, `unsure` 1 or 0: docs/trust.md) in the run folder
 for every image that could be read, and `unreadable.csv` for those that could not: one bad file
 never stops the others.
 With `report.gradcam=true`, also `gradcam.png`: Grad-CAM heat maps of the most confident images

@@ -20,6 +20,8 @@ LIMITS = (
     "It knows only the classes listed; a cell of any other type is given one of them.",
     "The intervals are over source cells: TEST holds few independent cells, and a class with "
     "few of them (the monocytes) has a much wider interval than the overall one.",
+    "Its calibration, prediction sets and unsure flag were fitted on held-out training cells; "
+    "they hold approximately on images like those, and it has no out-of-distribution flag.",
 )
 # From a test report: the figures a card quotes.
 TEST_KEYS = (

@@ -18,7 +18,7 @@ training image came from) into a small record stored in the checkpoint and every
   was right.
 
 The checkpoint was chosen and T fitted on the same held-out cells, so the guarantee is not
-exact; TEST's coverage, with its interval over cells, is the evidence (docs/intervals.md).
+exact; TEST's coverage, with its interval over cells, is the evidence (docs/trust.md).
 numpy only.
 """
 

@@ -74,7 +74,7 @@ def trust_figures(
     out_dir: Path,
     n_bins: int = N_BINS,
 ) -> dict[str, Any]:
-    """metrics.json's `trust` part (docs/intervals.md reads it), and `risk_coverage.png`.
+    """metrics.json's `trust` part (docs/trust.md reads it), and `risk_coverage.png`.
 
     `probs` are the model's calibrated probabilities; without `evidence` (a model never
     calibrated, an ensemble) only the risk-coverage curve and its area are reported. Without

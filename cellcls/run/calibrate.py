@@ -37,9 +37,9 @@ def calibrate_on_heldout(
     if why:
         log.info("Probabilities not calibrated, no conformal sets or abstention: %s.", why)
         return
-    batches = trainer.predict(
-        model, dataloaders=datamodule.val_dataloader(), ckpt_path=best, weights_only=True
-    )
+    # Fit's own validation batches where it kept them (images already on the device stay there).
+    loader = trainer.val_dataloaders or datamodule.val_dataloader()
+    batches = trainer.predict(model, dataloaders=loader, ckpt_path=best, weights_only=True)
     # As the network gives them: undo a temperature the loaded checkpoint may already carry.
     probs = scale(torch.cat(batches).float().numpy(), 1 / model.temperature)
     val = datamodule.val_set
