@@ -11,6 +11,9 @@
 preprocessing of training (`cellcls.data.decode.cut_cell`: 8-bit RGB, the white-cell crop,
 the resize); the network scales and normalises its uint8 input itself (in the ONNX graph too).
 `cellcls.predict` is this API on a folder.
+
+Over 300 lines: the one inference path (inputs, batching, prediction sets and abstention, the
+torch and ONNX runners, loading) in one place, so that predict, eval, export and the app share it.
 """
 
 from __future__ import annotations
