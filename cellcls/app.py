@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.core.errors import CellclsError, is_number, is_whole, require, require_given
+from cellcls.core.errors import CellclsError, is_level, is_whole, require, require_given
 from cellcls.inference import BACKENDS, Classifier, Prediction, load_classifier
 from cellcls.run.cli import entry
 
@@ -146,7 +146,7 @@ def check(cfg: DictConfig) -> None:
     require(cfg.backend in BACKENDS, "backend", cfg.backend, " or ".join(BACKENDS))
     require(0 <= cfg.unsure_below <= 1, "unsure_below", cfg.unsure_below, "a probability")
     for name in ("coverage", "abstain"):
-        ok = is_number(cfg[name]) and 0 < cfg[name] < 1
+        ok = is_level(cfg[name])
         require(ok, name, cfg[name], "a level between 0 and 1 (exclusive), e.g. 0.95")
     require(isinstance(cfg.gradcam, bool), "gradcam", cfg.gradcam, "true or false")
     try:

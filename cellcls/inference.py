@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cellcls.core.errors import CellclsError, is_number
+from cellcls.core.errors import CellclsError, is_level
 from cellcls.core.hardware import auto_precision, reuse_freed_memory
 from cellcls.core.images import open_image
 from cellcls.data.decode import Cell, cpu_count, cut_cell, unreadable
@@ -155,7 +155,7 @@ class Classifier:
         if coverage is None and abstain is None:
             return None, None
         for name, value in (("coverage", coverage), ("abstain", abstain)):
-            if value is not None and not (is_number(value) and 0 < value < 1):
+            if value is not None and not is_level(value):
                 raise CellclsError(f"{name}={value!r} is not accepted: give a level in (0, 1).")
         if not self.trust:
             raise CellclsError(

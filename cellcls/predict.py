@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cellcls.core.errors import CellclsError, is_number, is_whole, require, require_given
+from cellcls.core.errors import CellclsError, is_level, is_whole, require, require_given
 from cellcls.data.decode import list_unreadable, write_unreadable
 from cellcls.data.layout import find_images
 from cellcls.inference import AUTOCAST, BACKENDS, load_classifier
@@ -41,7 +41,7 @@ def check(cfg: DictConfig) -> None:
     require(cfg.precision in precisions, "precision", cfg.precision, ", ".join(precisions))
     for name in ("coverage", "abstain"):
         value = cfg[name]
-        ok = value is None or (is_number(value) and 0 < value < 1)
+        ok = value is None or is_level(value)
         require(ok, name, value, "null or a level between 0 and 1 (exclusive), e.g. 0.95")
     require(isinstance(cfg.mondrian, bool), "mondrian", cfg.mondrian, "true or false")
     report = cfg.report

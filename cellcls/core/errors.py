@@ -128,3 +128,8 @@ def is_whole(value: Any, minimum: int) -> bool:
 def is_number(value: Any) -> bool:
     """Whether `value` is an int or a float (not a bool, not a string)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_level(value: Any) -> bool:
+    """Whether `value` is a number strictly between 0 and 1 (a coverage or an accuracy asked)."""
+    return is_number(value) and 0 < value < 1

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from cellcls.core.errors import is_number, is_whole, require
+from cellcls.core.errors import is_level, is_whole, require
 from cellcls.core.hardware import synchronize
 from cellcls.reports.gradcam import write_gradcam
 from cellcls.reports.metrics import format_table, write_report
@@ -159,7 +159,7 @@ class TestReport(L.Callback):
         require(isinstance(gradcam, bool), "report.gradcam", gradcam, "true or false")
         for name, levels in (("report.coverage", coverage), ("report.abstain", abstain)):
             ok = isinstance(levels, Sequence) and not isinstance(levels, str)
-            ok = ok and all(is_number(v) and 0 < v < 1 for v in levels)
+            ok = ok and all(is_level(v) for v in levels)
             require(ok, name, levels, "a list of numbers between 0 and 1 (exclusive): [0.9, 0.95]")
         self.coverage, self.abstain = [float(v) for v in coverage], [float(v) for v in abstain]
         ok = is_whole(gradcam_per_class, 1)
