@@ -37,6 +37,7 @@ from cellcls.core.hardware import auto_precision, reuse_freed_memory
 from cellcls.core.images import open_image
 from cellcls.data.decode import Cell, cpu_count, cut_cell, unreadable
 from cellcls.data.layout import find_images
+from cellcls.reports.ood import ood_threshold
 from cellcls.reports.trust import abstain_threshold, prediction_sets, set_thresholds
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ ImageInput = Union[str, Path, Image.Image, np.ndarray]  # noqa: UP007 (a runtime
 # Autocast dtypes of Lightning's precision names; "32-true" runs without autocast.
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}
 BACKENDS = ("torch", "onnx")
+# A batch of preprocessed uint8 images to `probs` (and the OOD scores, `cellcls.models.ood`).
+Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -63,20 +66,25 @@ class Prediction:
     # accuracy on held-out cells. None where not asked.
     set: tuple[str, ...] | None = None
     unsure: bool | None = None
+    # With `ood`: whether the image is unlike the training images (its `ood_score` above the
+    # threshold that flags that share of held-out cells). None where not asked.
+    ood: bool | None = None
+    ood_score: float | None = None
 
 
 class Classifier:
     """A model and the preprocessing it was trained with; `predict` is the whole pipeline.
 
     `run` maps a batch of preprocessed images (N x size x size x 3 uint8) to class
-    probabilities (N x classes, calibrated by the model's temperature); `model` is the torch
+    probabilities (`probs`: N x classes, calibrated by the model's temperature) and, where the
+    model has a fitted OOD flag, its scores (`cellcls.models.ood`); `model` is the torch
     module behind it (None for ONNX); `trust` the held-out evidence of the checkpoint
     (`cellcls.reports.trust`) that prediction sets and abstention are read from.
     """
 
     def __init__(
         self,
-        run: Callable[[np.ndarray], np.ndarray],
+        run: Runner,
         classes: Sequence[str],
         image_size: int,
         crop: float | None,
@@ -114,14 +122,21 @@ class Classifier:
         except Exception as err:  # PIL raises many types for broken files
             return unreadable(str(image) if isinstance(image, str | Path) else "", err)
 
+    def outputs(self, batch: np.ndarray, tta: bool = False) -> dict[str, np.ndarray]:
+        """`probs` of preprocessed images (N x size x size x 3 uint8) and the OOD scores where
+        fitted; with `tta`, the probabilities are averaged over the 8 flips and 90-degree
+        rotations, as `CellClassifier.scores` does (the scores stay the image's own)."""
+        out = self.run(batch)
+        if tta:
+            views = [np.rot90(batch, k, axes=(1, 2)) for k in range(4)]
+            views += [v[:, :, ::-1] for v in views]
+            rest = [self.run(np.ascontiguousarray(v))["probs"] for v in views[1:]]
+            out["probs"] = np.mean([out["probs"], *rest], axis=0)
+        return out
+
     def probabilities(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
-        """Class probabilities of preprocessed images (N x size x size x 3 uint8); with `tta`,
-        averaged over the 8 flips and 90-degree rotations, as `CellClassifier.scores` does."""
-        if not tta:
-            return self.run(batch)
-        views = [np.rot90(batch, k, axes=(1, 2)) for k in range(4)]
-        views += [v[:, :, ::-1] for v in views]
-        return np.mean([self.run(np.ascontiguousarray(v)) for v in views], axis=0)
+        """Class probabilities of preprocessed images (`outputs`)."""
+        return self.outputs(batch, tta)["probs"]
 
     def predict(
         self,
@@ -132,41 +147,58 @@ class Classifier:
         coverage: float | None = None,
         mondrian: bool = False,
         abstain: float | None = None,
+        ood: float | None = None,
     ) -> Prediction | list[Prediction]:
         """One `Prediction` for one image; a list for a folder (its images, sorted) or a list.
 
         `coverage` (0.9, 0.95): each result's `set` of classes, which holds the true class with
         that probability for a new cell (class by class with `mondrian`); `abstain` (an
         accuracy, 0.95): `unsure` marks the images whose top probability is below the one that
-        gave that accuracy on held-out cells. Both need a calibrated checkpoint (`trust`)."""
+        gave that accuracy on held-out cells; `ood` (a rate, 0.05): `ood` flags the images unlike
+        the training images, at a threshold that flags that share of held-out cells. All need a
+        calibrated checkpoint (`trust`)."""
         single = not isinstance(images, list | tuple) and not (
             isinstance(images, str | Path) and Path(images).is_dir()
         )
-        doubt = self._doubt(coverage, mondrian, abstain, tta)
+        doubt = self._doubt(coverage, mondrian, abstain, tta, ood)
         items = self._expand(images)
         batches = self._batches(items, batch_size, tta, progress, doubt)
         results = [p for batch in batches for p in batch]
         return results[0] if single else results
 
     def _doubt(
-        self, coverage: float | None, mondrian: bool, abstain: float | None, tta: bool
-    ) -> tuple[np.ndarray | None, float | None]:
-        """The per-class set thresholds and the abstention threshold asked for (or None)."""
-        if coverage is None and abstain is None:
-            return None, None
-        for name, value in (("coverage", coverage), ("abstain", abstain)):
+        self,
+        coverage: float | None,
+        mondrian: bool,
+        abstain: float | None,
+        tta: bool,
+        ood: float | None = None,
+    ) -> tuple[np.ndarray | None, float | None, float | None]:
+        """The per-class set thresholds, the abstention and OOD thresholds asked for (or None)."""
+        if coverage is None and abstain is None and ood is None:
+            return None, None, None
+        for name, value in (("coverage", coverage), ("abstain", abstain), ("ood", ood)):
             if value is not None and not is_level(value):
                 raise CellclsError(f"{name}={value!r} is not accepted: give a level in (0, 1).")
         if not self.trust:
             raise CellclsError(
-                "coverage= and abstain= need a checkpoint calibrated on held-out cells, and this "
-                "one has none (an ensemble, an older checkpoint, or a run without "
+                "coverage=, abstain= and ood= need a checkpoint calibrated on held-out cells, and "
+                "this one has none (an ensemble, an older checkpoint, or a run without "
                 "data.val_split=grouped): train it again, or leave them out."
             )
         if tta:
             log.warning("tta: sets and abstention were calibrated without TTA; approximate.")
         thresholds = None if coverage is None else set_thresholds(self.trust, coverage, mondrian)
-        return thresholds, None if abstain is None else abstain_threshold(self.trust, abstain)
+        confident = None if abstain is None else abstain_threshold(self.trust, abstain)
+        if ood is None:
+            return thresholds, confident, None
+        if "ood" not in self.trust:
+            raise CellclsError(
+                "ood= needs a checkpoint whose OOD flag was fitted on held-out cells (trained "
+                "by this version, with data.val_split=grouped; not an ensemble or a conformal= "
+                "file): train it again, or leave ood out."
+            )
+        return thresholds, confident, ood_threshold(self.trust["ood"], ood)
 
     def _expand(self, images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
         if isinstance(images, list | tuple):
@@ -189,21 +221,29 @@ class Classifier:
         batch_size: int,
         tta: bool,
         progress: bool,
-        doubt: tuple[np.ndarray | None, float | None] = (None, None),
+        doubt: tuple[np.ndarray | None, float | None, float | None] = (None, None, None),
     ) -> Iterator[list[Prediction]]:
-        thresholds, confident = doubt
+        thresholds, confident, unlike = doubt
         bar = tqdm(total=len(items), desc="predicting", unit="img", disable=not progress)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             cells = self.cells(chunk)
             good = [i for i, c in enumerate(cells) if isinstance(c, Cell)]
-            probs = (
-                self.probabilities(np.stack([cells[i].image for i in good]), tta)
+            outputs = (
+                self.outputs(np.stack([cells[i].image for i in good]), tta)
                 if good
-                else np.empty((0, len(self.classes)))
+                else {"probs": np.empty((0, len(self.classes)))}
             )
+            score = None
+            if unlike is not None and good:
+                score = outputs.get(self.trust["ood"]["score"])  # type: ignore[index]
+                if score is None:
+                    raise CellclsError(
+                        "ood=: this model's graph has no OOD scores (exported before they were "
+                        "fitted): export it again, or leave ood out."
+                    )
             out: list[Prediction] = []
-            row = iter(probs)
+            row, scores = iter(outputs["probs"]), iter(score if score is not None else [])
             for item, cell in zip(chunk, cells, strict=True):
                 source = str(item) if isinstance(item, str | Path) else None
                 if isinstance(cell, str):
@@ -223,11 +263,18 @@ class Classifier:
                         cell.found,
                         set=members,
                         unsure=None if confident is None else bool(p.max() < confident),
+                        **self._flag(next(scores, None), unlike),
                     )
                 )
             bar.update(len(chunk))
             yield out
         bar.close()
+
+    @staticmethod
+    def _flag(score: float | None, threshold: float | None) -> dict[str, Any]:
+        if score is None or threshold is None:
+            return {}
+        return {"ood": bool(score > threshold), "ood_score": float(score)}
 
 
 def array_image(array: np.ndarray) -> Image.Image:
@@ -254,10 +301,9 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def torch_runner(
-    model: torch.nn.Module, device: torch.device, precision: str
-) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch of uint8 NHWC images to probabilities with the model's own `predict_step`."""
+def torch_runner(model: torch.nn.Module, device: torch.device, precision: str) -> Runner:
+    """A batch of uint8 NHWC images to the model's own `outputs`: probabilities, and the OOD
+    scores once fitted."""
     if precision == "auto":
         precision = auto_precision(device.type)
     if precision not in AUTOCAST:
@@ -271,13 +317,15 @@ def torch_runner(
         x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)
         autocast = torch.autocast(device.type, dtype) if dtype is not None else nullcontext()
         with torch.inference_mode(), autocast:
-            return model.predict_step(x, 0).float().cpu().numpy()
+            out = model.outputs(x)
+        return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     return run
 
 
-def onnx_runner(file: Path, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch of uint8 NHWC images to probabilities with onnxruntime (the `[onnx]` extra)."""
+def onnx_runner(file: Path, device: torch.device) -> Runner:
+    """A batch of uint8 NHWC images to probabilities (and the OOD scores where the graph has
+    them) with onnxruntime (the `[onnx]` extra)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -291,9 +339,10 @@ def onnx_runner(file: Path, device: torch.device) -> Callable[[np.ndarray], np.n
     options.intra_op_num_threads = cpu_count()
     session = ort.InferenceSession(str(file), options, providers=providers)
     name = session.get_inputs()[0].name
+    outputs = ["probs" if o.name == "probabilities" else o.name for o in session.get_outputs()]
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: batch})[0]
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, session.run(None, {name: batch}), strict=True))
 
     return run
 

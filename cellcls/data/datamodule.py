@@ -73,7 +73,9 @@ class ImageFolderDataModule(L.LightningDataModule):
     device. `split` is the folder test and eval score (`"val"`:
     TRAIN's held-out part, as the tutorial does); `download` fetches Kaggle's dataset into a
     `root` without it; `on_device` keeps a split's store on the training device
-    (`DeviceBatches`). The settings are checked by `cellcls.data.settings.SETTINGS`.
+    (`DeviceBatches`). `ignore_classes`: class folders present but neither trained on nor
+    scored (`cellcls.ood` leaves one out in turn). The settings are checked by
+    `cellcls.data.settings.SETTINGS`.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         skip_bad_images: bool = False,
         download: bool = False,
         on_device: bool | str = "auto",
+        ignore_classes: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if classes is None:
@@ -154,7 +157,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         for split in self._splits(None):
             check_classes(
-                self.folder(split), self.classes, allow_missing=split == self.hparams.split
+                self.folder(split),
+                self.classes,
+                allow_missing=split == self.hparams.split,
+                ignored=self.hparams.ignore_classes,
             )
 
     def prepare_data(self) -> None:
@@ -187,7 +193,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         testing = stage in ("test", "predict", None)
         self.split_root = find_split_root(self.root, [s for s in splits if s])
         for split in splits:
-            check_classes(self.folder(split), self.classes, allow_missing=split == hp.split)
+            check_classes(
+                self.folder(split),
+                self.classes,
+                allow_missing=split == hp.split,
+                ignored=hp.ignore_classes,
+            )
         if needs_train and self.train_set is None:
             full = self._dataset(self.folder(hp.train_split))
             pool = self._draw_test(full.samples)  # every image, or all but the drawn test part
@@ -244,7 +255,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         hp = self.hparams
         folder = self.folder(split)
         test = split == hp.split and split is not None
-        check_classes(folder, self.classes, allow_missing=test)
+        check_classes(folder, self.classes, allow_missing=test, ignored=hp.ignore_classes)
         files = ClassFolder(folder, self.classes, loader=None, allow_empty=test)
         return [path for path, _ in files.samples]
 

@@ -78,11 +78,16 @@ def has_images(folder: Path) -> bool:
     return any(f.suffix.lower() in IMG_EXTENSIONS for f in folder.iterdir())
 
 
-def check_classes(split_dir: Path, classes: Sequence[str], allow_missing: bool = False) -> None:
-    """Fail unless `split_dir` has exactly one non-empty folder per class in `classes`; with
-    `allow_missing` (a test folder), absent classes are logged instead: there is nothing of
-    them to score (Raabin-WBC's TestB holds two of its five classes)."""
-    found = subfolders(split_dir)
+def check_classes(
+    split_dir: Path,
+    classes: Sequence[str],
+    allow_missing: bool = False,
+    ignored: Sequence[str] = (),
+) -> None:
+    """Fail unless `split_dir` has exactly one non-empty folder per class in `classes` (folders
+    named in `ignored` aside); with `allow_missing` (a test folder), absent classes are logged
+    instead: there is nothing of them to score (Raabin-WBC's TestB holds two of its five)."""
+    found = [f for f in subfolders(split_dir) if f not in ignored]
     missing = [c for c in classes if c not in found or not has_images(split_dir / c)]
     unexpected = [c for c in found if c not in classes]
     if missing and allow_missing and not unexpected and len(missing) < len(classes):

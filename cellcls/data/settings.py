@@ -109,6 +109,14 @@ SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("download", lambda h: _bool(h.download), "true or false"),
     ("on_device", lambda h: h.on_device in (True, False, "auto"), "auto, true or false"),
     (
+        "ignore_classes",
+        lambda h: (
+            not isinstance(h.ignore_classes, str)
+            and all(isinstance(c, str) and c not in h.classes for c in h.ignore_classes)
+        ),
+        "a list of class-folder names that are not in data.classes",
+    ),
+    (
         "on_device",
         lambda h: h.on_device is not True or h.cache is not None,
         "auto or false without the decoded-image store (data.cache=null)",

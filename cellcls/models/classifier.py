@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cellcls.core.errors import CellclsError, is_number, is_whole, require
 from cellcls.models.ensemble import mean_probabilities
+from cellcls.models.ood import catch_features, embed, scores
 from cellcls.models.recipe import balanced_weights, head_of
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,7 @@ class CellClassifier(L.LightningModule):
         self.augment = augment
         self.mix = mix
         self.tta = False
-        # What held-out cells taught of its probabilities (cellcls.reports.trust): the temperature,
-        # the conformal scores, the abstention evidence. Set after fitting; kept in checkpoints.
-        self.trust: dict[str, Any] | None = None
+        self.trust = None  # the temperature, conformal, abstention and OOD evidence
         self.classes = list(classes)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
@@ -159,6 +158,40 @@ class CellClassifier(L.LightningModule):
     def probabilities(self, logits: Tensor) -> Tensor:
         """Class probabilities of logits (or log-probabilities), calibrated by `temperature`."""
         return (logits.detach().float() / self.temperature).softmax(1)
+
+    @property
+    def ood(self) -> dict[str, Any] | None:
+        """The out-of-distribution evidence fitted on held-out cells (`cellcls.reports.ood`)."""
+        return self.trust.get("ood") if self.trust else None
+
+    def outputs(self, x: Tensor) -> dict[str, Tensor]:
+        """`probs` (calibrated, with `tta` as `scores`) and, once `ood` is fitted, each
+        out-of-distribution score of `cellcls.models.ood` (of the image as given)."""
+        if self.ood is None:
+            return {"probs": self.probabilities(self.scores(x))}
+        features, logits = embed(self, x)
+        probs = self.probabilities(self.scores(x) if self.tta else logits)
+        return {"probs": probs} | scores(features, logits, self.temperature, self._gaussian())
+
+    @property
+    def trust(self) -> dict[str, Any] | None:
+        """What held-out cells taught of its probabilities (`cellcls.reports.trust`,
+        `cellcls.reports.ood`); kept in checkpoints, set after fitting."""
+        return self._trust
+
+    @trust.setter
+    def trust(self, value: dict[str, Any] | None) -> None:
+        # The OOD flag's Gaussian as buffers (not saved: the checkpoint keeps `trust`), so they
+        # follow the module to its device and into an exported graph as constants.
+        self._trust = value
+        fitted = (value or {}).get("ood", {}).get("gaussian")
+        where = self.mean.device if hasattr(self, "mean") else None
+        for name in ("means", "precision"):
+            tensor = None if fitted is None else torch.tensor(fitted[name], device=where)
+            self.register_buffer(f"ood_{name}", tensor, persistent=False)
+
+    def _gaussian(self) -> dict[str, Tensor]:
+        return {"means": self.ood_means, "precision": self.ood_precision}
 
     def _step(
         self, batch: tuple[Tensor, Tensor], stage: str, target: Tensor | None = None
@@ -202,8 +235,17 @@ class CellClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         # Per-image outputs for callbacks that write reports (see cellcls.run.callbacks.TestReport).
-        logits = self._step(batch, "test")[1]
-        return {"probs": self.probabilities(logits), "labels": batch[1]}
+        if self.ood is None or self.tta:
+            logits = self._step(batch, "test")[1]
+            return {"probs": self.probabilities(logits), "labels": batch[1]}
+        with catch_features(self.net) as caught:  # the flag's score, from the same pass
+            logits = self._step(batch, "test")[1]
+        ood = scores(caught[-1].flatten(1), logits, self.temperature, self._gaussian())
+        return {
+            "probs": self.probabilities(logits),
+            "labels": batch[1],
+            "ood": ood[self.ood["score"]],
+        }
 
     def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
         """Class probabilities of a batch of images (or of `(images, labels)`), for

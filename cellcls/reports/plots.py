@@ -1,5 +1,5 @@
 """Every PNG cellcls writes: confusion matrices, errors, reliability, training curves, groups,
-crops.
+crops, OOD separation.
 
 Figures use matplotlib's object API (no pyplot), so nothing depends on a display or a backend.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -205,3 +206,25 @@ def plot_crops(
             if k == 0:
                 ax.set_ylabel(name, fontsize=8)
     fig.savefig(path, dpi=80)
+
+
+def plot_ood(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Path) -> None:
+    """AUROC of each OOD score (bars, with 95% intervals over cells) on each set of images
+    unlike the training set (`rows[set][score]`); 0.5 is chance, 1 a perfect separation."""
+    sets = list(rows)
+    scores = list(next(iter(rows.values()))) if rows else []
+    fig = Figure(figsize=(max(6.0, 1.4 * len(sets) + 2), 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(scores))
+    for i, score in enumerate(scores):
+        x = np.arange(len(sets)) + (i - (len(scores) - 1) / 2) * width
+        value = np.array([rows[s][score]["auroc"] for s in sets])
+        ci = np.array([rows[s][score]["auroc_ci95"] for s in sets]).reshape(-1, 2)
+        yerr = np.clip(np.stack([value - ci[:, 0], ci[:, 1] - value]), 0, None)
+        ax.bar(x, value, width, yerr=yerr, capsize=3, label=score)
+    ax.axhline(0.5, ls="--", color="grey", label="chance")
+    ax.set_xticks(np.arange(len(sets)), sets, rotation=15)
+    ax.set(ylim=(0, 1.02), ylabel="AUROC (95% interval over cells)", title="OOD separation")
+    ax.legend(loc="lower right", fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=100)

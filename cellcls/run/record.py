@@ -77,7 +77,7 @@ def git_commit() -> str | None:
 
 
 # The report files whose figures a record carries (train/eval, cv, compare).
-REPORTS = ("metrics.json", "cv_metrics.json", "compare.json")
+REPORTS = ("metrics.json", "cv_metrics.json", "compare.json", "ood_metrics.json")
 
 
 @rank_zero_only
