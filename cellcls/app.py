@@ -5,7 +5,9 @@ Grad-CAM heat map, the class probabilities of the first as bars, and a table of 
 a flag where the model is unsure, where no white cell was found, or where the file could not be
 read. For a checkpoint calibrated on held-out cells, unsure is the API's `abstain` (below the
 confidence that gave that accuracy on those cells) and the table shows each image's conformal
-`set` at `coverage`; for one without, unsure is a top probability below `unsure_below`.
+`set` at `coverage`, and flags the images unlike the training images (the API's `ood`, at
+`ood_rate` of held-out cells); for one without, unsure is a top probability below
+`unsure_below`.
 Uploads are files read by `cellcls.load_classifier`, so a file that is not an image, or a
 decompression bomb, is refused by name (never decoded) and the page keeps serving. Gradio,
 offline (no analytics, no share link), on 127.0.0.1 by default.
@@ -40,6 +42,8 @@ def flag(result: Prediction, unsure_below: float) -> str:
         words.append("unsure (below the confidence of the asked accuracy on held-out cells)")
     elif result.unsure is None and max(result.probabilities.values()) < unsure_below:
         words.append(f"unsure (top probability below {unsure_below:g})")
+    if result.ood:
+        words.append("unlike the training images (out of distribution): check the image")
     if not result.cell_found:
         words.append("no white cell found: the centre was cropped")
     return "; ".join(words)
@@ -73,11 +77,14 @@ def classify(
     clf: Classifier, files: list[str] | None, doubt: dict[str, Any], gradcam: bool
 ) -> tuple[dict[str, float], list[list[Any]], list, str]:
     """The page's outputs for the uploaded files: bars, table, gallery and a status line.
-    `doubt`: `unsure_below`, and `coverage` and `abstain` for a calibrated classifier."""
+    `doubt`: `unsure_below`, and `coverage`, `abstain` and `ood` for a calibrated classifier
+    (`ood` where its flag was fitted)."""
     if not files:
         return {}, [], [], "Drop one or more images, then press Classify."
     files = [str(f) for f in files]
     calibrated = {k: doubt[k] for k in ("coverage", "abstain")} if clf.trust else {}
+    if clf.trust and "ood" in clf.trust:
+        calibrated["ood"] = doubt["ood"]
     results = clf.predict(files, **calibrated)
     rows = [
         [
@@ -104,12 +111,18 @@ def build_app(
     gradcam: bool = True,
     coverage: float = 0.95,
     abstain: float = 0.95,
+    ood: float = 0.05,
 ):
     """The page as a `gradio.Blocks`; its API endpoint is `/classify` (gradio_client)."""
-    doubt = {"unsure_below": unsure_below, "coverage": coverage, "abstain": abstain}
+    doubt = {"unsure_below": unsure_below, "coverage": coverage, "abstain": abstain, "ood": ood}
     why = (
         f"flagged unsure below the confidence that gave accuracy {abstain:g} on held-out cells; "
         f"each set holds the true class with probability {coverage:g}"
+        + (
+            f"; flagged out of distribution above the score that flags {ood:g} of held-out cells"
+            if "ood" in (clf.trust or {})
+            else ""
+        )
         if clf.trust
         else f"not calibrated: flagged when the top probability is below {unsure_below:g}"
     )
@@ -145,7 +158,7 @@ def check(cfg: DictConfig) -> None:
     require(is_whole(cfg.port, 1) and cfg.port < 65536, "port", cfg.port, "a port, 1 to 65535")
     require(cfg.backend in BACKENDS, "backend", cfg.backend, " or ".join(BACKENDS))
     require(0 <= cfg.unsure_below <= 1, "unsure_below", cfg.unsure_below, "a probability")
-    for name in ("coverage", "abstain"):
+    for name in ("coverage", "abstain", "ood"):
         ok = is_level(cfg[name])
         require(ok, name, cfg[name], "a level between 0 and 1 (exclusive), e.g. 0.95")
     require(isinstance(cfg.gradcam, bool), "gradcam", cfg.gradcam, "true or false")
@@ -160,7 +173,7 @@ def main(cfg: DictConfig) -> None:
     ckpt = cfg.ckpt_path
     ckpt = OmegaConf.to_container(ckpt) if OmegaConf.is_list(ckpt) else ckpt
     clf = load_classifier(ckpt, cfg.device, cfg.precision, cfg.backend, cfg.conformal)
-    app = build_app(clf, cfg.unsure_below, cfg.gradcam, cfg.coverage, cfg.abstain)
+    app = build_app(clf, cfg.unsure_below, cfg.gradcam, cfg.coverage, cfg.abstain, cfg.ood)
     log.info("Serving %s on http://%s:%d (Ctrl-C stops it)", clf, cfg.host, cfg.port)
     app.launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True)
 

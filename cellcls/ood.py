@@ -5,13 +5,15 @@ Leave one class out: for each class in turn (`ood.leave_out`), the recipe trains
 with grouped validation, as `cellcls.train` does (into `<run>/without_<CLASS>/`; a finished one
 is kept, so an interrupted run resumes). Its calibrated checkpoint then scores
 - for choosing (`selection`): its held-out validation cells against the left-out class's TRAIN
-  images, cells no model of the run trained on;
-- for reporting (`test`): the other classes' TEST images against the left-out class's;
-- and TEST against images that are no white-cell crop (`cellcls.data.outliers`): red-cell fields
-  of Kaggle's original slides, generated cells, noise.
+  images (cells no model of the run trained on) and against images that are no white-cell crop
+  (`cellcls.data.outliers`: red-cell fields of half of Kaggle's original slides, generated
+  cells, noise);
+- for reporting (`test`): the other classes' TEST images against the left-out class's, and
+  against the other half of the slides and other draws of the generated cells and noise.
 Each AUROC carries its 95% interval over cells; at the flag's threshold (`ood.rate` of held-out
-cells flagged) the share flagged on each side. The score with the best mean selection AUROC is
-`chosen` (TEST chooses nothing). Writes `ood_metrics.json`, `ood.md` and `ood_auroc.png`.
+cells flagged) the share flagged on each side. The score with the best mean selection AUROC
+(over every model and set) is `chosen`: TEST chooses nothing. Writes `ood_metrics.json`,
+`ood.md` and `ood_auroc.png`.
 
 `ood.checkpoint=PATH`: no training; that model's TEST against the non-cell images.
 """
@@ -74,16 +76,20 @@ def split_images(dm: Any, split: str, classes: Sequence[str]) -> Images:
     return np.array(paths), np.array(labels), np.array(group)
 
 
-def non_cell_sets(cfg: DictConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The images that are no white-cell crop, as `ood.*` asks, at the model's input size."""
+def non_cell_sets(cfg: DictConfig, half: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The images that are no white-cell crop, as `ood.*` asks, at the model's input size: one
+    `half` (0: for choosing, 1: for reporting) of the slides, and images drawn apart."""
     size, crop, o = int(cfg.data.image_size), cfg.data.get("crop"), cfg.ood
+    seed = cfg.seed + half
     sets = {}
     if o.red_cells:
-        sets["red-cell fields"] = red_cell_fields(cfg.data.root, size, crop, seed=cfg.seed)
+        images, slides = red_cell_fields(cfg.data.root, size, crop, seed=seed)
+        keep = slides % 2 == half
+        sets["red-cell fields"] = images[keep], slides[keep]
     if o.synthetic:
-        sets["generated cells"] = synthetic_cells(int(o.synthetic), size, crop, seed=cfg.seed)
+        sets["generated cells"] = synthetic_cells(int(o.synthetic), size, crop, seed=seed)
     if o.noise:
-        sets["noise"] = noise(int(o.noise), size, seed=cfg.seed)
+        sets["noise"] = noise(int(o.noise), size, seed=seed)
     return sets
 
 
@@ -112,7 +118,7 @@ def figures(
     return rows
 
 
-def leave_out(cfg: DictConfig, left: str, out: Path, sets: dict) -> dict[str, Any]:
+def leave_out(cfg: DictConfig, left: str, out: Path, sets: Sequence[dict]) -> dict[str, Any]:
     """Train without class `left` (unless done) and score what it never saw (module docstring)."""
     folder = out / f"without_{left}"
     done = folder / DONE
@@ -152,8 +158,12 @@ def leave_out(cfg: DictConfig, left: str, out: Path, sets: dict) -> dict[str, An
         "left_out": left,
         "classes": classes,
         "checkpoint": ckpt,
-        "selection": figures(clf, cfg.ood.rate, held, {left: (unseen_train[0], unseen_train[2])}),
-        "test": figures(clf, cfg.ood.rate, test, {left: (unseen_test[0], unseen_test[2])} | sets),
+        "selection": figures(
+            clf, cfg.ood.rate, held, {left: (unseen_train[0], unseen_train[2])} | sets[0]
+        ),
+        "test": figures(
+            clf, cfg.ood.rate, test, {left: (unseen_test[0], unseen_test[2])} | sets[1]
+        ),
     }
     done.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -199,7 +209,7 @@ def ood_table(result: dict[str, Any]) -> str:
 def measure(cfg: DictConfig) -> dict[str, Any]:
     """The whole measurement (module docstring); returns ood_metrics.json's content."""
     out = Path(cfg.paths.output_dir)
-    sets = non_cell_sets(cfg)
+    sets = [non_cell_sets(cfg, half) for half in (0, 1)]
     result: dict[str, Any] = {"rate": cfg.ood.rate, "models": {}}
     if cfg.ood.checkpoint:
         clf = load_classifier(cfg.ood.checkpoint)
@@ -207,14 +217,14 @@ def measure(cfg: DictConfig) -> dict[str, Any]:
             raise CellclsError(f"ood.checkpoint={cfg.ood.checkpoint} has no fitted OOD flag.")
         every = instantiate(cfg.data, cache=None)
         test = split_images(every, cfg.data.split, list(clf.classes))
-        result["models"]["checkpoint"] = {"test": figures(clf, cfg.ood.rate, test, sets)}
+        result["models"]["checkpoint"] = {"test": figures(clf, cfg.ood.rate, test, sets[1])}
         result["chosen"] = clf.trust["ood"]["score"]
     else:
         left = cfg.ood.leave_out or list(cfg.data.classes)
         for c in left:
             r = leave_out(cfg, c, out, sets)
             result["models"][f"without {c}"] = {"selection": r["selection"], "test": r["test"]}
-        picked = [m["selection"][c] for c, m in zip(left, result["models"].values(), strict=True)]
+        picked = [r for m in result["models"].values() for r in m["selection"].values()]
         selection = {s: float(np.mean([r[s]["auroc"] for r in picked])) for s in SCORES}
         result["selection_auroc"] = selection
         result["chosen"] = max(selection, key=selection.get)

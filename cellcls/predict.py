@@ -4,7 +4,8 @@ works too, and `backend=onnx` runs its model.onnx).
 
 The Python API (`cellcls.load_classifier`) on a folder: writes `predictions.csv` (path,
 predicted class, one probability per class; with `coverage=0.95`, the `set` of classes at that
-level, and with `abstain=0.95`, `unsure` 1 or 0: docs/trust.md) in the run folder
+level, with `abstain=0.95`, `unsure` 1 or 0, and with `ood=0.05`, `ood` 1 or 0 and the
+`ood_score` it thresholds: docs/trust.md) in the run folder
 for every image that could be read, and `unreadable.csv` for those that could not: one bad file
 never stops the others.
 With `report.gradcam=true`, also `gradcam.png`: Grad-CAM heat maps of the most confident images
@@ -39,7 +40,7 @@ def check(cfg: DictConfig) -> None:
     require(cfg.backend in BACKENDS, "backend", cfg.backend, " or ".join(BACKENDS))
     precisions = ("auto", *AUTOCAST)
     require(cfg.precision in precisions, "precision", cfg.precision, ", ".join(precisions))
-    for name in ("coverage", "abstain"):
+    for name in ("coverage", "abstain", "ood"):
         value = cfg[name]
         ok = value is None or is_level(value)
         require(ok, name, value, "null or a level between 0 and 1 (exclusive), e.g. 0.95")
@@ -65,6 +66,7 @@ def predict(cfg: DictConfig, out: Path) -> None:
         coverage=cfg.coverage,
         mondrian=cfg.mondrian,
         abstain=cfg.abstain,
+        ood=cfg.ood,
     )
     done = [r for r in results if r.error is None]
     bad = {r.source: r.error for r in results if r.error is not None}
@@ -77,6 +79,9 @@ def predict(cfg: DictConfig, out: Path) -> None:
         extra["set"] = ["|".join(r.set) for r in done]
     if cfg.abstain is not None:
         extra["unsure"] = [int(r.unsure) for r in done]
+    if cfg.ood is not None:
+        extra["ood"] = [int(r.ood) for r in done]
+        extra["ood_score"] = [f"{r.ood_score:.6g}" for r in done]
     probs = probs.reshape(-1, len(clf.classes))
     write_predictions(out / "predictions.csv", paths, probs, clf.classes, extra=extra)
     log.info("Predictions for %d image(s): %s", len(done), out / "predictions.csv")

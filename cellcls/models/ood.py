@@ -14,7 +14,7 @@ Three scores, each higher for an image less like the training images:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -57,6 +57,13 @@ def scores(
             gaussian["precision"], dtype=torch.float32, device=features.device
         )
         d = features.float()[:, None, :] - means[None]  # N x classes x features
-        # Not einsum: its contraction-path search fixes the batch size in an exported graph.
-        out["mahalanobis"] = ((d @ precision) * d).sum(-1).amin(1)
+        kind = d.device.type
+        # In float32 under autocast too: in bf16 the distance moves by ~1%. Not einsum: its
+        # contraction-path search fixes the batch size in an exported graph.
+        with (
+            torch.autocast(kind, enabled=False)
+            if torch.is_autocast_enabled(kind)
+            else nullcontext()
+        ):
+            out["mahalanobis"] = ((d @ precision) * d).sum(-1).amin(1)
     return out

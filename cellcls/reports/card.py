@@ -20,8 +20,10 @@ LIMITS = (
     "It knows only the classes listed; a cell of any other type is given one of them.",
     "The intervals are over source cells: TEST holds few independent cells, and a class with "
     "few of them (the monocytes) has a much wider interval than the overall one.",
-    "Its calibration, prediction sets and unsure flag were fitted on held-out training cells; "
-    "they hold approximately on images like those, and it has no out-of-distribution flag.",
+    "Its calibration, prediction sets, unsure and out-of-distribution flags were fitted on "
+    "held-out training cells; they hold approximately on images like those. The "
+    "out-of-distribution flag bounds how often it flags such images, not how many unlike ones "
+    "it catches (docs/trust.md measures that): a confident answer on an odd image is possible.",
 )
 # From a test report: the figures a card quotes.
 TEST_KEYS = (
@@ -118,6 +120,7 @@ def test_trust(test: dict[str, Any]) -> dict[str, Any]:
         "calibration_error_uncalibrated_ci95": trust["calibration_error_uncalibrated_ci95"],
         "calibration_error_ci95": trust["calibration_error_ci95"],
         "conformal": conformal,
+        **({"ood": trust["ood"]} if "ood" in trust else {}),
     }
 
 
@@ -184,6 +187,14 @@ def card(meta: dict[str, Any]) -> str:
                     f"- Prediction sets at {level}: coverage on {test['split']} "
                     f"{interval(v['coverage'], v['coverage_ci95'])}, mean size "
                     f"{interval(v['mean_set_size'], v['mean_set_size_ci95'])} classes."
+                )
+            ood = dict(test.get("ood") or {})
+            score = ood.pop("score", None)
+            for rate, v in ood.items():
+                lines.append(
+                    f"- Out-of-distribution flag ({score} score, set to flag {rate} of held-out "
+                    f"cells): flags {interval(v['false_flags'], v.get('false_flags_ci95'))} of "
+                    f"{test['split']}'s images, all of the training classes."
                 )
         lines += ["", "| class | recall | images |", "|---|---|---|"]
         lines += [

@@ -120,6 +120,14 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             f"abstain below {below} (held-out accuracy {level}): keeps "
             f"{row['coverage']:.3f} of the images, accuracy {kept} on them"
         )
+    ood = dict(trust.get("ood") or {})
+    score = ood.pop("score", None)
+    for rate, row in ood.items():
+        span = f" {interval(row['false_flags_ci95'])}" if "false_flags_ci95" in row else ""
+        lines.append(
+            f"OOD flag ({score}, {rate} of held-out cells): flags {row['false_flags']:.3f}{span} "
+            "of these images of the training classes"
+        )
     return "\n".join(lines)
 
 
@@ -157,6 +165,7 @@ def write_report(
     evidence: dict[str, Any] | None = None,
     coverage: Sequence[float] = (),
     abstain: Sequence[float] = (),
+    ood: tuple[Sequence[float], np.ndarray] | None = None,
     **info: Any,
 ) -> dict[str, Any]:
     """Write metrics.json, predictions.csv, confusion_matrix.{csv,png}, errors.png,
@@ -166,7 +175,7 @@ def write_report(
     metrics.json's `trust` holds the figures of `cellcls.reports.trust_figures`: with the
     checkpoint's held-out `evidence`, the calibration error before and after its temperature,
     conformal coverage and set size at each level of `coverage`, abstention at each accuracy of
-    `abstain`.
+    `abstain`, and with `ood` (rates, each image's OOD score) the flag's false flags.
 
     With groups, metrics.json gains the 95% intervals over source cells (`accuracy_ci95`,
     `balanced_accuracy_ci95`, `n_groups`: `cellcls.reports.intervals.cluster_bootstrap`) and
@@ -183,7 +192,7 @@ def write_report(
             writer.writeheader()
             writer.writerows(r | {"accuracy": f"{r['accuracy']:.6f}"} for r in rows)
     metrics["trust"] = trust_figures(
-        labels, probs, classes, groups, evidence, coverage, abstain, out
+        labels, probs, classes, groups, evidence, coverage, abstain, out, ood=ood
     )
     metrics |= info
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -16,6 +16,7 @@ import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
 from cellcls.reports.intervals import cluster_bootstrap, group_weights
+from cellcls.reports.ood import ood_threshold
 from cellcls.reports.plots import plot_risk_coverage
 from cellcls.reports.trust import (
     abstain_threshold,
@@ -73,12 +74,14 @@ def trust_figures(
     abstain: Sequence[float],
     out_dir: Path,
     n_bins: int = N_BINS,
+    ood: tuple[Sequence[float], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """metrics.json's `trust` part (docs/trust.md reads it), and `risk_coverage.png`.
 
     `probs` are the model's calibrated probabilities; without `evidence` (a model never
     calibrated, an ensemble) only the risk-coverage curve and its area are reported. Without
-    `groups` there are no intervals."""
+    `groups` there are no intervals. `ood`: the rates asked and each image's score of the
+    evidence's OOD flag; every test image is of a training class, so what it flags is false."""
     labels, probs = np.asarray(labels), np.asarray(probs)
     confidence, right = probs.max(1), probs.argmax(1) == labels
     kept, risk = risk_coverage(confidence, right)
@@ -130,4 +133,16 @@ def trust_figures(
                 _, row["accuracy_ci95"], _ = share(right[keep], labels[keep], kept_groups, classes)
         chosen[f"{accuracy:g}"] = row
     figures["abstain"] = chosen
+    if ood is not None and "ood" in evidence:
+        rates, values = ood
+        flags: dict[str, Any] = {"score": evidence["ood"]["score"]}
+        for rate in rates:
+            threshold = ood_threshold(evidence["ood"], rate)
+            flagged = values > threshold
+            row = {"threshold": threshold if threshold < np.inf else None}
+            row["false_flags"] = float(flagged.mean())
+            if groups is not None:
+                _, row["false_flags_ci95"], _ = share(flagged, labels, groups, classes)
+            flags[f"{rate:g}"] = row
+        figures["ood"] = flags
     return figures

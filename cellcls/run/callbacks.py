@@ -139,7 +139,8 @@ class TestReport(L.Callback):
 
     A model calibrated on held-out cells (its `trust`, `cellcls.run.calibrate`) gets conformal
     coverage and set size at each level of `coverage` and abstention at each accuracy of
-    `abstain` in metrics.json's `trust` (`cellcls.reports.trust_figures`).
+    `abstain` and the OOD flag's false flags at each rate of `ood` in metrics.json's `trust`
+    (`cellcls.reports.trust_figures`).
 
     With `gradcam` (`report.gradcam=true`), also `gradcam.png` (`cellcls.reports.gradcam`): the
     most confident errors and `gradcam_per_class` correct images per class, read from the
@@ -155,13 +156,16 @@ class TestReport(L.Callback):
         gradcam_per_class: int = 3,
         coverage: Sequence[float] = (0.9, 0.95),
         abstain: Sequence[float] = (0.95,),
+        ood: Sequence[float] = (0.05,),
     ) -> None:
         require(isinstance(gradcam, bool), "report.gradcam", gradcam, "true or false")
-        for name, levels in (("report.coverage", coverage), ("report.abstain", abstain)):
+        asked = {"report.coverage": coverage, "report.abstain": abstain, "report.ood": ood}
+        for name, levels in asked.items():
             ok = isinstance(levels, Sequence) and not isinstance(levels, str)
             ok = ok and all(is_level(v) for v in levels)
             require(ok, name, levels, "a list of numbers between 0 and 1 (exclusive): [0.9, 0.95]")
         self.coverage, self.abstain = [float(v) for v in coverage], [float(v) for v in abstain]
+        self.ood = [float(v) for v in ood]
         ok = is_whole(gradcam_per_class, 1)
         require(ok, "report.gradcam_per_class", gradcam_per_class, "an integer >= 1")
         self.out_dir = Path(out_dir)
@@ -176,6 +180,7 @@ class TestReport(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._probs: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self._ood: list[torch.Tensor] = []
 
     def on_test_batch_end(
         self,
@@ -188,14 +193,18 @@ class TestReport(L.Callback):
     ) -> None:
         self._probs.append(outputs["probs"].float().cpu())
         self._labels.append(outputs["labels"].cpu())
+        if "ood" in outputs:
+            self._ood.append(outputs["ood"].float().cpu())
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         probs, labels = torch.cat(self._probs), torch.cat(self._labels)
+        ood = torch.cat(self._ood) if self._ood else None
         if trainer.world_size > 1:  # (W, n, ...) -> image order, as described above
             probs, labels = (
                 pl_module.all_gather(t.to(pl_module.device)).transpose(0, 1).flatten(0, 1).cpu()
                 for t in (probs, labels)
             )
+            ood = None  # fitted on one process only (cellcls.run.calibrate)
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
@@ -220,6 +229,7 @@ class TestReport(L.Callback):
             evidence=getattr(pl_module, "trust", None),
             coverage=self.coverage,
             abstain=self.abstain,
+            ood=(self.ood, ood[:n].numpy()) if ood is not None else None,
             n_split=len(paths),
             split=dm.hparams.split,
             val_split=val_split(dm.hparams),  # what chose val/* and the checkpoint
