@@ -20,11 +20,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from cellcls.data.generate import generate_dataset
+from cellcls.data.generate import generate_dataset, render_cell
 from tests.test_docs import COMMANDS, ENTRY, NOT_HYDRA, PLACEHOLDER
 
 # Substring of a command -> why it does not run here.
@@ -51,8 +52,9 @@ BY_ENTRY = {
     "search": {"hparams_search.n_trials": "1"},
     "bench": {"bench.n_images": "16", "bench.keras": "false"},
     "bench.inference": {"bench.n_images": "16"},
+    "ood": {"ood.synthetic": "4", "ood.noise": "4"},
 }
-TRAIN_CONFIGS = {"train", "cv", "search", "bench"}
+TRAIN_CONFIGS = {"train", "cv", "search", "bench", "ood"}
 RUNS = [(w, c) for w, c in COMMANDS if ENTRY.match(c).group(1) not in NOT_HYDRA]
 
 
@@ -70,6 +72,11 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copytree(tiny / "TRAIN", images / "TRAIN")
     for split in ("TEST", "TEST_SIMPLE"):
         shutil.copytree(tiny / "TEST", images / split)
+    slides = kaggle / "dataset-master" / "dataset-master" / "JPEGImages"  # the 640x480 originals
+    slides.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        render_cell("NEUTROPHIL", rng, (640, 480))[0].save(slides / f"BloodImage_{i:05d}.jpg")
     flat = base / "PBC"
     shutil.copytree(tiny / "TRAIN", flat)
     split = base / "Raabin"
