@@ -72,8 +72,6 @@ def export_onnx(model: L.LightningModule, size: int, out: Path) -> float:
     graph = UInt8Probabilities(model.float()).eval()
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
     batch = torch.export.Dim("batch")
-    with torch.no_grad():
-        graph(example)  # builds the OOD flag's constants before the export traces it
     with torch.inference_mode(False):
         torch.onnx.export(
             graph,

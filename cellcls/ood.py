@@ -33,7 +33,7 @@ from omegaconf import DictConfig, open_dict
 
 from cellcls.core.errors import CellclsError, is_level, require
 from cellcls.cv import best_checkpoint
-from cellcls.data.matching import write_groups_csv
+from cellcls.data.matching import read_groups_csv, write_groups_csv
 from cellcls.data.outliers import noise, red_cell_fields, synthetic_cells
 from cellcls.inference import Classifier, load_classifier
 from cellcls.models.ood import SCORES
@@ -63,12 +63,11 @@ def outputs(clf: Classifier, images: np.ndarray | Sequence[str], batch: int = 25
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def split_images(dm: Any, split: str, classes: Sequence[str]) -> Images:
+def split_images(dm: Any, split: str, classes: Sequence[str], groups: dict[str, int]) -> Images:
     """The files of `split` in class folders `classes` (labels: their index in `classes`), and
-    their source groups."""
-    groups = dm.source_groups(split)
+    their source groups (`groups`: `groups_file`'s, by resolved path)."""
     rows = [
-        (path, classes.index(Path(path).parent.name), groups[path])
+        (path, classes.index(Path(path).parent.name), groups[str(Path(path).resolve())])
         for path in dm.image_paths(split)
         if Path(path).parent.name in classes
     ]
@@ -149,11 +148,11 @@ def leave_out(cfg: DictConfig, left: str, out: Path, sets: Sequence[dict]) -> di
         np.array([val.dataset.samples[i][1] for i in val.indices]),
         np.array(dm.val_groups),
     )
-    every = instantiate(cfg.data, cache=None)
+    every, groups = instantiate(cfg.data, cache=None), read_groups_csv(run_cfg.data.groups)
     train_split, test_split = cfg.data.train_split, cfg.data.split
-    unseen_train = split_images(every, train_split, [left])
-    unseen_test = split_images(every, test_split, [left])
-    test = split_images(every, test_split, classes)
+    unseen_train = split_images(every, train_split, [left], groups)
+    unseen_test = split_images(every, test_split, [left], groups)
+    test = split_images(every, test_split, classes, groups)
     record = {
         "left_out": left,
         "classes": classes,
@@ -215,8 +214,8 @@ def measure(cfg: DictConfig) -> dict[str, Any]:
         clf = load_classifier(cfg.ood.checkpoint)
         if not (clf.trust or {}).get("ood"):
             raise CellclsError(f"ood.checkpoint={cfg.ood.checkpoint} has no fitted OOD flag.")
-        every = instantiate(cfg.data, cache=None)
-        test = split_images(every, cfg.data.split, list(clf.classes))
+        every, groups = instantiate(cfg.data, cache=None), read_groups_csv(groups_file(cfg, out))
+        test = split_images(every, cfg.data.split, list(clf.classes), groups)
         result["models"]["checkpoint"] = {"test": figures(clf, cfg.ood.rate, test, sets[1])}
         result["chosen"] = clf.trust["ood"]["score"]
     else:
